@@ -1,0 +1,172 @@
+"""``wsi-lymph`` command line: a thin layer over the library functions."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _region(text: str) -> tuple[int, int, int, int]:
+    try:
+        x, y, width, height = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--region wants X,Y,WIDTH,HEIGHT in level-0 pixels, got {text!r}") from None
+    return x, y, width, height
+
+
+def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("cluster")
+    group.add_argument("--workers", type=int, default=None, help="local worker processes (default: cores / 2)")
+    group.add_argument("--scheduler", default=None, help="address of a running Dask scheduler (no local cluster)")
+    group.add_argument("--dashboard", default=":8787", help="local dashboard address (default :8787)")
+
+
+def _add_probmap_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("slides", nargs="+", help="slide files and/or folders of slides")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--model", default="janowczyk2016", help="janowczyk2016, janowczyk2016/foldK or a checkpoint")
+    parser.add_argument("--model-source", default=None, help="URL or folder to fetch the paper's models from")
+    parser.add_argument("--mpp", type=float, default=None, help="level-0 µm per pixel, overriding the files")
+    parser.add_argument("--stride", type=int, default=2, help="classify every S-th model-frame pixel (1 = exact)")
+    parser.add_argument("--mirror", action="store_true", help="average each patch with its horizontal mirror")
+    parser.add_argument("--region", type=_region, default=None, help="X,Y,WIDTH,HEIGHT level-0 rectangle only")
+    parser.add_argument("--no-skip", action="store_true", help="evaluate blocks without hematoxylin too")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "float32", "uint8"])
+    parser.add_argument("--chunk", type=int, default=512, help="Zarr chunk edge, model-frame px")
+    parser.add_argument("--block", type=int, default=None, help="inference task edge, model-frame px (chunk multiple)")
+    parser.add_argument("--batch-size", type=int, default=512, help="patches per forward pass")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    _add_cluster_options(parser)
+
+
+def cmd_probmap(args: argparse.Namespace) -> int:
+    from .cluster import dask_client, default_workers, torch_threads_per_worker
+    from .probmap import ProbmapParams, run_probmaps
+    from .slide import find_slides
+
+    slides = find_slides(args.slides)
+    if not slides:
+        print("wsi-lymph probmap: no slides found in " + ", ".join(args.slides), file=sys.stderr)
+        return 2
+    workers = args.workers or default_workers()
+    params = ProbmapParams(
+        stride_px=args.stride,
+        mirror=args.mirror,
+        chunk_px=args.chunk,
+        block_px=args.block or args.chunk,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        skip_hematoxylin=not args.no_skip,
+        region_level0=args.region,
+        device=args.device,
+        torch_threads=None if args.scheduler else torch_threads_per_worker(workers),
+    )
+    with dask_client(workers, args.scheduler, dashboard_address=args.dashboard) as client:
+        results = run_probmaps(
+            client, slides, args.out, model=args.model, mpp=args.mpp, params=params, model_source=args.model_source
+        )
+    failed = [r for r in results if r.status != "done"]
+    print(f"{len(results) - len(failed)} of {len(results)} slides done; maps in {args.out}")
+    for result in failed:
+        print(f"FAILED {result.path}: {result.reason}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .frame import choose_frame
+    from .slide import SlideError, find_slides, open_slide
+
+    status = 0
+    for path in find_slides(args.slides):
+        try:
+            info = open_slide(path, mpp=args.mpp)
+        except SlideError as error:
+            print(f"FAILED {error}", file=sys.stderr)
+            status = 1
+            continue
+        print(f"{info.path}\n  reader {info.reader} ({info.vendor}), {info.level_count} levels")
+        for level, ((w, h), down) in enumerate(zip(info.level_sizes_xy, info.level_downsamples, strict=True)):
+            print(f"  level {level}: {w} x {h} px (w x h), downsample {down:.4g}")
+        print(f"  mpp: {info.mpp} µm/px ({info.mpp_source})")
+        if info.mpp is not None:
+            frame = choose_frame(info)
+            print(f"  model frame: level {frame.level} x{frame.frame_scale:g} -> {frame.shape_rc[1]} x "
+                  f"{frame.shape_rc[0]} px at {frame.mpp:.4g} µm/px")
+    return status
+
+
+def cmd_models_fetch(args: argparse.Namespace) -> int:
+    from .models import ModelError, fetch_janowczyk2016
+
+    if args.name != "janowczyk2016":
+        print(f"wsi-lymph models fetch: unknown model {args.name!r}; known: janowczyk2016", file=sys.stderr)
+        return 2
+    try:
+        paths = fetch_janowczyk2016(args.source, force=args.force, progress=print)
+    except ModelError as error:
+        print(f"wsi-lymph models fetch: {error}", file=sys.stderr)
+        return 1
+    for path in paths:
+        print(path)
+    return 0
+
+
+def cmd_models_import(args: argparse.Namespace) -> int:
+    from .caffe import CaffeImportError, import_caffe
+
+    try:
+        out = import_caffe(
+            args.caffemodel, args.mean, args.out, name=args.name or args.out.stem, fold=args.fold,
+            threshold=args.threshold, source_scan_mpp=args.source_mpp, frame_scale=args.frame_scale,
+        )
+    except (CaffeImportError, OSError) as error:
+        print(f"wsi-lymph models import-caffe: {error}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="wsi-lymph", description="Lymphocyte detection in H&E whole-slide images.")
+    parser.add_argument("--version", action="version", version=f"wsi-lymph {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    probmap = commands.add_parser("probmap", help="slides -> Zarr maps of P(lymphocyte center)")
+    _add_probmap_options(probmap)
+    probmap.set_defaults(func=cmd_probmap)
+
+    info = commands.add_parser("info", help="print a slide's levels, resolution and model frame")
+    info.add_argument("slides", nargs="+")
+    info.add_argument("--mpp", type=float, default=None)
+    info.set_defaults(func=cmd_info)
+
+    models = commands.add_parser("models", help="fetch or import models").add_subparsers(dest="action", required=True)
+    fetch = models.add_parser("fetch", help="download, verify and convert the paper's released models")
+    fetch.add_argument("name", help="janowczyk2016")
+    fetch.add_argument("--source", default=None, help="base URL or folder (default: the authors' repository; "
+                       "env WSI_LYMPH_MODEL_SOURCE)")
+    fetch.add_argument("--force", action="store_true")
+    fetch.set_defaults(func=cmd_models_fetch)
+    imp = models.add_parser("import-caffe", help="convert a .caffemodel + mean .binaryproto into a checkpoint")
+    imp.add_argument("caffemodel", type=Path)
+    imp.add_argument("mean", type=Path, help="mean image .binaryproto")
+    imp.add_argument("--out", type=Path, required=True, help="checkpoint file to write (.pt)")
+    imp.add_argument("--name", default=None)
+    imp.add_argument("--fold", type=int, default=None)
+    imp.add_argument("--threshold", type=float, default=0.7706, help="peak threshold of this model")
+    imp.add_argument("--source-mpp", type=float, default=0.5, help="µm/px of the training scans")
+    imp.add_argument("--frame-scale", type=float, default=4.0, help="upscaling applied before patches")
+    imp.set_defaults(func=cmd_models_import)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""The model frame: the slide resampled to the resolution the network was trained at.
+
+The released models saw 20x images (0.5 µm/px) upscaled 4x, i.e. 0.125 µm per
+model-frame pixel.  A slide is brought to that frame by reading one pyramid
+level and resizing it by ``frame_scale = level_mpp / model_mpp``.
+
+Level choice: the coarsest level whose resolution is not coarser than the
+model's source scans (``source_scan_mpp``, 0.5 µm/px, with 10% tolerance), so a
+20x slide is read at level 0 and upscaled 4x, a 40x slide at level 0 and
+upscaled 2x (or at a 20x level, if its pyramid has one, upscaled 4x).  Scales
+within 2% of an integer are snapped to it (0.499 µm/px -> 4x), which keeps
+frame coordinates integer multiples of level coordinates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .network import PATCH_CENTER_PX, PATCH_PX
+from .resample import resize_window, resized_length, symmetric_index, tap_bounds
+from .slide import SlideError, SlideInfo, read_region
+
+SNAP_TOLERANCE = 0.02
+
+
+@dataclass(frozen=True)
+class ModelFrame:
+    """Geometry linking a slide to the model frame.
+
+    Attributes
+    ----------
+    level : int
+        Pyramid level that is read.
+    frame_scale : float
+        Model-frame pixels per pixel of ``level``.
+    shape_rc : (int, int)
+        (rows, cols) of the whole slide in the model frame.
+    mpp : float
+        µm per model-frame pixel.
+    level0_per_frame_px : float
+        Level-0 pixels per model-frame pixel (x = col * this, y = row * this).
+    level_shape_rc : (int, int)
+        (rows, cols) of ``level``.
+    """
+
+    level: int
+    frame_scale: float
+    shape_rc: tuple[int, int]
+    mpp: float
+    level0_per_frame_px: float
+    level_shape_rc: tuple[int, int]
+
+    def attrs(self) -> dict:
+        return {key: (list(value) if isinstance(value, tuple) else value) for key, value in asdict(self).items()}
+
+
+def choose_frame(info: SlideInfo, model_mpp: float = 0.125, source_scan_mpp: float = 0.5) -> ModelFrame:
+    """Pick the level and resize factor that bring ``info`` to the model's resolution.
+
+    Parameters
+    ----------
+    info : SlideInfo
+        Slide with a resolution (from the file or ``--mpp``).
+    model_mpp : float
+        µm per pixel of the model frame (0.125 for the paper's models).
+    source_scan_mpp : float
+        µm per pixel of the scans the model was trained on (0.5 = 20x).
+
+    Raises
+    ------
+    SlideError
+        No resolution, or every level is coarser than the model can use.
+    """
+    level_mpps = [info.level_mpp(level) for level in range(info.level_count)]
+    usable = [level for level, mpp in enumerate(level_mpps) if mpp <= source_scan_mpp * 1.1]
+    if not usable:
+        raise SlideError(
+            f"{info.path}: level 0 is {level_mpps[0]:.3g} µm/px, coarser than the {source_scan_mpp} µm/px "
+            "the model was trained at; lymphocytes cannot be resolved (check --mpp)"
+        )
+    level = max(usable, key=lambda lv: level_mpps[lv])
+    scale = level_mpps[level] / model_mpp
+    if abs(scale - round(scale)) <= SNAP_TOLERANCE * scale:
+        scale = float(round(scale))
+    if scale < 1:
+        # The slide is finer than the model frame; reading a coarser level would be needed.
+        raise SlideError(f"{info.path}: {level_mpps[level]:.3g} µm/px is finer than the model frame ({model_mpp})")
+    width, height = info.level_sizes_xy[level]
+    shape_rc = (resized_length(height, scale), resized_length(width, scale))
+    return ModelFrame(
+        level=level,
+        frame_scale=scale,
+        shape_rc=shape_rc,
+        mpp=level_mpps[level] / scale,
+        level0_per_frame_px=info.level_downsamples[level] / scale,
+        level_shape_rc=(height, width),
+    )
+
+
+def stride_grid(start: int, stop: int, stride_px: int) -> np.ndarray:
+    """Model-frame positions classified to fill ``[start, stop)`` at ``stride_px``.
+
+    The global lattice is ``0, s, 2s, ...``; a range needs the lattice points
+    from the last one at or before ``start`` to the first one at or after
+    ``stop - 1`` (which may lie past the slide edge: its patch is then taken from
+    the mirror padding, as for every edge pixel).
+    """
+    first = start // stride_px
+    last = -(-(stop - 1) // stride_px)
+    return np.arange(first, last + 1) * stride_px
+
+
+def interpolate_grid(values: np.ndarray, grid_rc: tuple[np.ndarray, np.ndarray], box: tuple) -> np.ndarray:
+    """Bilinear fill of ``box = (r0, r1, c0, c1)`` from values on a regular lattice.
+
+    Each output pixel is computed from its global position only, so any block
+    layout gives bit-identical results.
+    """
+    r0, r1, c0, c1 = box
+    out = values
+    for axis, (grid, lo, hi) in enumerate(((grid_rc[0], r0, r1), (grid_rc[1], c0, c1))):
+        if len(grid) == 1:
+            out = np.repeat(out, hi - lo, axis=axis)
+            continue
+        step = grid[1] - grid[0]
+        position = np.arange(lo, hi)
+        index = np.minimum((position - grid[0]) // step, len(grid) - 2)
+        weight = ((position - grid[index]) / step).astype(np.float32)
+        shape = [1, 1]
+        shape[axis] = len(position)
+        weight = weight.reshape(shape)
+        out = (1 - weight) * np.take(out, index, axis=axis) + weight * np.take(out, index + 1, axis=axis)
+    return out.astype(np.float32)
+
+
+def read_frame_window(info: SlideInfo, frame: ModelFrame, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Model-frame pixels at ``rows x cols`` (indices may lie outside: mirrored).
+
+    Parameters
+    ----------
+    info, frame
+        Slide and its model frame.
+    rows, cols : np.ndarray
+        Consecutive model-frame row/column indices; values outside the frame are
+        reflected symmetrically (the original's ``padarray(..., 'symmetric')``).
+
+    Returns
+    -------
+    np.ndarray
+        (len(rows), len(cols), 3) float32 **BGR** on a 0-255 scale, as the
+        network expects (not clipped: bicubic overshoot is kept, as in MATLAB).
+    """
+    rows_in = symmetric_index(rows, frame.shape_rc[0])
+    cols_in = symmetric_index(cols, frame.shape_rc[1])
+    level_rows, level_cols = frame.level_shape_rc
+    y0, y1 = tap_bounds(rows_in, frame.frame_scale, level_rows)
+    x0, x1 = tap_bounds(cols_in, frame.frame_scale, level_cols)
+    rgb = read_region(info, frame.level, x0, y0, x1 - x0, y1 - y0)
+    window = resize_window(rgb, (y0, x0), (level_rows, level_cols), rows_in, cols_in, frame.frame_scale)
+    return np.ascontiguousarray(window[..., ::-1])
+
+
+def patch_rows(grid: np.ndarray) -> np.ndarray:
+    """Model-frame rows (or cols) covered by the patches centred on ``grid``."""
+    return np.arange(grid[0] - PATCH_CENTER_PX, grid[-1] - PATCH_CENTER_PX + PATCH_PX)
+
+
+def frame_to_level0(rc: np.ndarray, frame: ModelFrame) -> np.ndarray:
+    """Convert model-frame (row, col) pixel centres to level-0 (x, y) pixel coordinates."""
+    rc = np.asarray(rc, dtype=np.float64)
+    # Pixel centres: frame index i covers [i, i+1) frame px, centre i + 0.5.
+    return (rc[..., ::-1] + 0.5) * frame.level0_per_frame_px - 0.5
+
+
+def block_boxes(shape_rc: tuple[int, int], block_px: int) -> list[tuple[int, int, int, int]]:
+    """Tile ``shape_rc`` into (r0, r1, c0, c1) boxes of at most ``block_px`` per side, row-major."""
+    rows, cols = shape_rc
+    return [
+        (r0, min(r0 + block_px, rows), c0, min(c0 + block_px, cols))
+        for r0 in range(0, rows, block_px)
+        for c0 in range(0, cols, block_px)
+    ]
