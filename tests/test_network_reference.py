@@ -140,11 +140,6 @@ def test_reference_pooling_matches_torch_ceil_mode() -> None:
     np.testing.assert_allclose(av, ref_pool(x, 3, 2, "ave"), atol=1e-12)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="network.patch_probabilities mirrors the mean-subtracted patch; Caffe's Classifier.predict "
-    "mirrors the raw crop and then subtracts the (unmirrored) mean image",
-)
 def test_mirror_matches_caffe_oversample(members: list[tuple[PatchNet, torch.Tensor]]) -> None:
     net, mean = members[0]
     params = {k: v.double().numpy() for k, v in net.state_dict().items()}

@@ -262,7 +262,7 @@ def resolve_model(name: str, *, fetch_missing: bool = True, source: str | None =
     return paths
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq on tensors is meaningless; keep identity hashing
 class LoadedModel:
     """Networks ready for inference, with the metadata needed to use them.
 
@@ -380,10 +380,7 @@ def load_model(
                     f"{p} has {meta.get(key)!r}"
                 )
     hashes = [file_sha256(p) for p in paths]
-    if _folds_of(name_or_path) is not None:
-        name = name_or_path
-    else:
-        name = str(first.get("name") or Path(name_or_path).stem)
+    name = name_or_path if _folds_of(name_or_path) is not None else str(first.get("name") or Path(name_or_path).stem)
     meta = dict(first)
     meta["member_names"] = [m.get("name") for _, _, m in loaded]
     if len(loaded) > 1:

@@ -71,10 +71,11 @@ def patch_probabilities(
     torch.Tensor
         (N,) float32 probabilities.
     """
-    x = patches_bgr - mean_bgr
-    prob = torch.softmax(net(x), dim=1)[:, 1]
+    prob = torch.softmax(net(patches_bgr - mean_bgr), dim=1)[:, 1]
     if mirror:
-        prob = 0.5 * (prob + torch.softmax(net(torch.flip(x, dims=[3])), dim=1)[:, 1])
+        # Caffe mirrors the raw crop, then subtracts the (unmirrored) mean image.
+        mirrored = torch.flip(patches_bgr, dims=[3]) - mean_bgr
+        prob = 0.5 * (prob + torch.softmax(net(mirrored), dim=1)[:, 1])
     return prob
 
 

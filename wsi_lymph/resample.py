@@ -101,10 +101,15 @@ def resize_window(
     """
     row_index, row_weight = cubic_taps(out_rows, scale, in_shape_rc[0])
     col_index, col_weight = cubic_taps(out_cols, scale, in_shape_rc[1])
+    local_rows, local_cols = row_index - origin_rc[0], col_index - origin_rc[1]
+    if local_rows.min() < 0 or local_cols.min() < 0 or local_rows.max() >= image.shape[0] or (
+        local_cols.max() >= image.shape[1]
+    ):
+        raise ValueError("resize_window: the input window does not hold every tap of the requested outputs")
     data = image.astype(np.float32)
     # Rows first, then columns: a fixed order keeps results identical for any window.
-    rows = np.einsum("rk,rkwc->rwc", row_weight.astype(np.float32), data[row_index - origin_rc[0]])
-    return np.einsum("ck,rckd->rcd", col_weight.astype(np.float32), rows[:, col_index - origin_rc[1]])
+    rows = np.einsum("rk,rkwc->rwc", row_weight.astype(np.float32), data[local_rows])
+    return np.einsum("ck,rckd->rcd", col_weight.astype(np.float32), rows[:, local_cols])
 
 
 def tap_bounds(out_index: np.ndarray, scale: float, in_length: int) -> tuple[int, int]:

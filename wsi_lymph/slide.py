@@ -101,7 +101,7 @@ def _openslide_info(path: str) -> SlideInfo:
         if mpp is not None:
             source = openslide.PROPERTY_NAME_MPP_X
         elif raw:
-            source = f"{openslide.PROPERTY_NAME_MPP_X}={raw} is not a microscope resolution"
+            source = f"{openslide.PROPERTY_NAME_MPP_X}={raw} µm/px is a screen/print default, not a scan resolution"
         else:
             source = "the file records no µm/px"
         return SlideInfo(
@@ -219,11 +219,19 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None) -> SlideInfo:
     for reader in (_openslide_info, _tifffile_info, _pillow_info):
         try:
             info = reader(path)
-            break
         except SlideError:
             raise
         except Exception as error:  # each library raises its own types for "not mine"
             reasons.append(f"{reader.__name__.strip('_').split('_')[0]}: {type(error).__name__}: {error}")
+            continue
+        if info.vendor == "generic-tiff":
+            # OpenSlide sees plain TIFF structure only; tifffile also reads OME
+            # metadata and SubIFD pyramids, so it describes such files better.
+            try:
+                info = _tifffile_info(path)
+            except Exception as error:
+                reasons.append(f"tifffile: {type(error).__name__}: {error}")
+        break
     if info is None:
         raise SlideError(f"{path}: not a readable slide or image ({'; '.join(reasons)})")
     if mpp is not None:

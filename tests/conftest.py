@@ -1,0 +1,54 @@
+"""Shared fixtures: the real data in ../shared/data, converted models, a real 2-worker cluster."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+SLIDES = DATA / "slides"
+CROPS = DATA / "lymph-centers"
+MODEL_MIRROR = DATA / "models" / "janowczyk2016-lymphocyte"
+
+
+def pytest_configure(config):
+    if not DATA.is_dir():
+        raise pytest.UsageError(f"the shared data folder {DATA} is missing; tests read the real slides from it")
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    """The paper's five folds, fetched from the local mirror and converted once per session."""
+    from wsi_lymph.models import fetch_janowczyk2016
+
+    cache = tmp_path_factory.mktemp("wsi-lymph-cache")
+    os.environ["WSI_LYMPH_CACHE"] = str(cache)
+    os.environ["WSI_LYMPH_MODEL_SOURCE"] = MODEL_MIRROR.as_uri()
+    fetch_janowczyk2016()
+    return cache
+
+
+@pytest.fixture(scope="session")
+def client(model_cache):
+    """A real distributed LocalCluster with 2 worker processes."""
+    from wsi_lymph.cluster import dask_client
+
+    with dask_client(2, dashboard_address=":0", quiet=True) as client:
+        client.wait_for_workers(2)
+        yield client
+
+
+def crop_centers(index: int) -> np.ndarray:
+    """Annotated centres of ``example_<index>`` as (row, col) level-0 pixels."""
+    import tifffile
+
+    return np.argwhere(tifffile.imread(CROPS / f"example_{index}_seed.tif") > 0).astype(float)
+
+
+def level0_to_frame(rc: np.ndarray, scale: float = 4.0) -> np.ndarray:
+    """Level-0 (row, col) pixel centres to model-frame (row, col) coordinates."""
+    return (np.asarray(rc, dtype=float) + 0.5) * scale - 0.5

@@ -1,0 +1,45 @@
+"""Bicubic resampling: windows equal the whole-image resize; the kernel is Keys a=-0.5 like MATLAB/Pillow."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from wsi_lymph.frame import interpolate_grid, stride_grid
+from wsi_lymph.resample import cubic_taps, resize_window, symmetric_index
+
+
+def test_symmetric_index_repeats_the_edge():
+    np.testing.assert_array_equal(symmetric_index(np.arange(-3, 8), 5), [2, 1, 0, 0, 1, 2, 3, 4, 4, 3, 2])
+
+
+def test_windows_equal_whole_resize_and_match_pillow_inside():
+    rng = np.random.default_rng(1)
+    image = rng.random((41, 29, 3)).astype(np.float32)
+    whole = resize_window(image, (0, 0), (41, 29), np.arange(164), np.arange(116), 4.0)
+    part = resize_window(image[8:22, 3:17], (8, 3), (41, 29), np.arange(40, 80), np.arange(20, 60), 4.0)
+    np.testing.assert_array_equal(whole[40:80, 20:60], part)
+    with pytest.raises(ValueError, match="does not hold every tap"):
+        resize_window(image[9:22, 3:17], (9, 3), (41, 29), np.arange(40, 80), np.arange(20, 60), 4.0)
+    pillow = np.stack(
+        [np.asarray(Image.fromarray(image[..., c]).resize((116, 164), Image.BICUBIC)) for c in range(3)], axis=-1
+    )
+    # Same kernel; only the border differs (Pillow clamps, MATLAB reflects).
+    assert np.abs(pillow - whole)[8:-8, 8:-8].max() < 1e-5
+    index, weight = cubic_taps(np.arange(164), 4.0, 41)
+    np.testing.assert_allclose(weight.sum(axis=1), 1.0)
+    assert index.min() >= 0 and index.max() < 41
+
+
+def test_stride_interpolation_is_independent_of_the_block_layout():
+    rng = np.random.default_rng(2)
+    rows, cols, stride = 53, 47, 4
+    grid_r, grid_c = stride_grid(0, rows, stride), stride_grid(0, cols, stride)
+    values = rng.random((len(grid_r), len(grid_c))).astype(np.float32)
+    whole = interpolate_grid(values, (grid_r, grid_c), (0, rows, 0, cols))
+    np.testing.assert_array_equal(whole[::stride, ::stride], values[: -(-rows // stride), : -(-cols // stride)])
+    for r0, r1, c0, c1 in [(5, 22, 9, 30), (0, 4, 0, 47), (52, 53, 46, 47), (8, 9, 3, 17)]:
+        sub_r, sub_c = stride_grid(r0, r1, stride), stride_grid(c0, c1, stride)
+        sub = values[np.ix_(sub_r // stride, sub_c // stride)]
+        np.testing.assert_array_equal(interpolate_grid(sub, (sub_r, sub_c), (r0, r1, c0, c1)), whole[r0:r1, c0:c1])
