@@ -50,7 +50,7 @@ def test_plain_tiff_crop_and_jpeg_need_mpp():
 
 
 def test_generated_ome_pyramid_at_40x(tmp_path):
-    """A pyramidal OME-TIFF written with tifffile: 0.25 µm/px from its metadata -> upscale 2x."""
+    """A pyramidal OME-TIFF (SubIFDs) written with tifffile: 0.25 µm/px from its OME metadata."""
     rng = np.random.default_rng(0)
     base = rng.integers(0, 255, (1024, 768, 3), dtype=np.uint8)
     path = tmp_path / "pyramid.ome.tif"
@@ -62,9 +62,11 @@ def test_generated_ome_pyramid_at_40x(tmp_path):
     info = open_slide(path)
     assert info.mpp == pytest.approx(0.25)
     assert info.level_sizes_xy[0] == (768, 1024)
-    frame = choose_frame(info)
-    assert frame.frame_scale == 2.0 and frame.level0_per_frame_px == 0.5
+    assert info.level_sizes_xy == ((768, 1024), (384, 512), (192, 256))
+    frame = choose_frame(info)  # 40x with a 20x level: read the 20x level, upscale 4x
+    assert (frame.level, frame.frame_scale, frame.level0_per_frame_px) == (1, 4.0, 0.5)
     np.testing.assert_array_equal(read_region(info, 0, 100, 200, 50, 40), base[200:240, 100:150])
+    np.testing.assert_array_equal(read_region(info, 1, 10, 20, 30, 40), base[::2, ::2][20:60, 10:40])
 
 
 def test_level_choice_prefers_a_20x_level_of_a_40x_slide():
