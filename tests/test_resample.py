@@ -36,10 +36,12 @@ def test_stride_interpolation_is_independent_of_the_block_layout():
     rng = np.random.default_rng(2)
     rows, cols, stride = 53, 47, 4
     grid_r, grid_c = stride_grid(0, rows, stride), stride_grid(0, cols, stride)
+    assert grid_r[0] == -stride and grid_r[-1] >= rows - 1 + stride  # cubic needs a lattice point beyond each end
     values = rng.random((len(grid_r), len(grid_c))).astype(np.float32)
     whole = interpolate_grid(values, (grid_r, grid_c), (0, rows, 0, cols))
-    np.testing.assert_array_equal(whole[::stride, ::stride], values[: -(-rows // stride), : -(-cols // stride)])
+    on_lattice = values[1 : 1 + -(-rows // stride), 1 : 1 + -(-cols // stride)]
+    np.testing.assert_array_equal(whole[::stride, ::stride], on_lattice)
     for r0, r1, c0, c1 in [(5, 22, 9, 30), (0, 4, 0, 47), (52, 53, 46, 47), (8, 9, 3, 17)]:
         sub_r, sub_c = stride_grid(r0, r1, stride), stride_grid(c0, c1, stride)
-        sub = values[np.ix_(sub_r // stride, sub_c // stride)]
+        sub = values[np.ix_((sub_r - grid_r[0]) // stride, (sub_c - grid_c[0]) // stride)]
         np.testing.assert_array_equal(interpolate_grid(sub, (sub_r, sub_c), (r0, r1, c0, c1)), whole[r0:r1, c0:c1])

@@ -31,6 +31,7 @@ def dask_client(
     *,
     dashboard_address: str = ":8787",
     memory_limit: str | float = "auto",
+    resources: dict[str, float] | None = None,
     quiet: bool = False,
 ) -> Iterator[Client]:
     """Connect to a cluster for the duration of a ``with`` block.
@@ -45,6 +46,8 @@ def dask_client(
         Where the local dashboard listens (``":0"`` = any free port).
     memory_limit : str or float
         Per-worker memory limit of the local cluster.
+    resources : dict, optional
+        Abstract resources each local worker advertises (e.g. ``{"GPU": 1}``).
     quiet : bool
         Do not print the dashboard link.
     """
@@ -58,6 +61,7 @@ def dask_client(
             processes=True,
             dashboard_address=dashboard_address,
             memory_limit=memory_limit,
+            resources=resources,
         )
         client = Client(cluster)
     try:

@@ -127,7 +127,8 @@ def patch_grid_probabilities(
                 # algorithm for other sizes, and the map must not depend on block layout.
                 padding = np.zeros((batch_size - len(patches), *patches.shape[1:]), patches.dtype)
                 patches = np.concatenate([patches, padding])
-            batch = torch.from_numpy(patches).to(device)
+            # NHWC is ~1.8x faster than NCHW for these small convolutions on CPU (bench/).
+            batch = torch.from_numpy(patches).to(device).contiguous(memory_format=torch.channels_last)
             total = sum(
                 patch_probabilities(net, batch, mean, mirror=mirror)
                 for (net, _), mean in zip(members, means, strict=True)

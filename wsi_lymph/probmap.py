@@ -139,7 +139,7 @@ class SlideResult:
 def _members(checkpoints: tuple[str, ...], device: str):
     """Networks of a model, loaded once per worker process and device."""
     loaded = [load_checkpoint(path, device=device) for path in checkpoints]
-    return [(net, mean) for net, mean, _ in loaded]
+    return [(net.to(memory_format=torch.channels_last), mean) for net, mean, _ in loaded]
 
 
 def _auto_device(device: str | None) -> str:

@@ -1,0 +1,243 @@
+"""The probability-map engine on a real 2-worker cluster, against a plain per-pixel reference."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import zarr
+from conftest import CROPS, SLIDES, crop_centers, level0_to_frame
+
+from wsi_lymph.evaluate import match_points
+from wsi_lymph.models import load_checkpoint, resolve_model
+from wsi_lymph.peaks import detect_centers
+from wsi_lymph.probmap import ProbmapParams, open_probmap, run_probmaps
+
+FOLD = "janowczyk2016/fold1"
+CROP_FILES = [CROPS / f"example_{i}.tif" for i in (1, 2, 3)]
+STRIDES = (1, 2, 4)
+
+
+def _load(out_dir, name="example_1") -> np.ndarray:
+    return zarr.open_array(str(out_dir / name / "prob.zarr"), mode="r")[:]
+
+
+@pytest.fixture(scope="session")
+def crop_maps(client, tmp_path_factory):
+    """Fold-1 float32 maps of the three annotated 20x crops at strides 1, 2, 4 (one batch per stride)."""
+    maps = {}
+    for stride in STRIDES:
+        out = tmp_path_factory.mktemp(f"crops-s{stride}")
+        params = ProbmapParams(stride_px=stride, dtype="float32", chunk_px=128, block_px=128, torch_threads=1)
+        results = run_probmaps(client, CROP_FILES, out, model=FOLD, mpp=0.5, params=params, progress=False)
+        assert [r.status for r in results] == ["done"] * 3, [r.reason for r in results]
+        maps[stride] = {i: _load(out, f"example_{i}") for i in (1, 2, 3)}
+        maps[stride]["out"] = out
+    return maps
+
+
+def _reference_probabilities(image_rgb: np.ndarray, pixels_rc: np.ndarray, checkpoint) -> np.ndarray:
+    """Plain per-pixel reference, written independently of the engine.
+
+    Upscale 4x with MATLAB's bicubic (Keys a=-0.5, symmetric edges) by direct
+    evaluation of each output pixel, pad 16 symmetric, cut the 32x32 patch of
+    each pixel, BGR, subtract the mean, classify one patch at a time.
+    """
+    net, mean, _ = load_checkpoint(checkpoint)
+    image = image_rgb.astype(np.float64)
+    padded_src = np.pad(image, ((4, 4), (4, 4), (0, 0)), mode="symmetric")
+
+    def keys(t):
+        t = abs(t)
+        return 1.5 * t**3 - 2.5 * t**2 + 1 if t <= 1 else (-0.5 * t**3 + 2.5 * t**2 - 4 * t + 2 if t < 2 else 0.0)
+
+    size = image.shape[0] * 4
+    up = np.zeros((size, size, 3))
+    for r in range(size):
+        u = (r + 0.5) / 4 - 0.5
+        wr = [(int(np.floor(u)) + k, keys(u - (np.floor(u) + k))) for k in (-1, 0, 1, 2)]
+        for c in range(size):
+            v = (c + 0.5) / 4 - 0.5
+            value = 0.0
+            for ir, w1 in wr:
+                for k in (-1, 0, 1, 2):
+                    ic = int(np.floor(v)) + k
+                    value = value + w1 * keys(v - ic) * padded_src[ir + 4, ic + 4]
+            up[r, c] = value
+    frame = np.pad(up, ((16, 16), (16, 16), (0, 0)), mode="symmetric")
+    out = []
+    with torch.inference_mode():
+        for r, c in pixels_rc:
+            patch = frame[r : r + 32, c : c + 32, ::-1].transpose(2, 0, 1)  # RGB -> BGR, CHW
+            x = torch.from_numpy(np.ascontiguousarray(patch, dtype=np.float32))[None] - mean
+            out.append(torch.softmax(net(x), dim=1)[0, 1].item())
+    return np.array(out)
+
+
+def test_engine_equals_per_pixel_reference(crop_maps, model_cache):
+    prob = crop_maps[1][1]
+    assert prob.shape == (400, 400) and prob.dtype == np.float32
+    rng = np.random.default_rng(0)
+    border = [(r, c) for r in range(400) for c in range(400) if min(r, c, 399 - r, 399 - c) < 2 and (r + c) % 3 == 0]
+    interior = rng.integers(0, 400, size=(400, 2))
+    block_edges = [(127 + dr, 128 * k + dc) for k in (1, 2) for dr in (0, 1) for dc in (-1, 0)]
+    pixels = np.array(border + [tuple(p) for p in interior] + block_edges)
+    image = tifffile.imread(CROPS / "example_1.tif")
+    expected = _reference_probabilities(image, pixels, resolve_model(FOLD)[0])
+    got = prob[pixels[:, 0], pixels[:, 1]]
+    assert expected.min() < 0.05 and expected.max() > 0.95  # the sample covers both classes
+    assert np.abs(got - expected).max() < 1e-4
+
+
+def test_paper_peak_procedure_finds_the_annotated_centres(crop_maps):
+    centres = detect_centers(crop_maps[1][1])
+    truth = level0_to_frame(crop_centers(1))
+    score = match_points(centres, truth, tolerance=24.0)  # 6 px at 20x = one lymphocyte radius
+    print(f"example_1 fold1 s=1: {score}, F={score.f_score:.3f}")
+    assert len(truth) == 22
+    assert score.true_positives >= 18
+
+
+def test_stride_keeps_the_centres(crop_maps):
+    kept = {2: [0, 0], 4: [0, 0]}
+    for index in (1, 2, 3):
+        exact = detect_centers(crop_maps[1][index])
+        for stride in (2, 4):
+            strided = detect_centers(crop_maps[stride][index])
+            score = match_points(strided, exact, tolerance=4.0)
+            kept[stride][0] += score.true_positives
+            kept[stride][1] += len(exact)
+            print(f"example_{index} s={stride}: {score.true_positives}/{len(exact)} s=1 centres within 4 px, "
+                  f"{score.false_positives} extra")
+    for stride, (hits, total) in kept.items():
+        print(f"s={stride}: {hits / total:.1%} of {total} s=1 centres kept")
+    assert kept[4][0] >= 0.97 * kept[4][1]
+    assert kept[2][0] >= 0.97 * kept[2][1]
+
+
+def test_map_attributes_and_report(crop_maps):
+    out = crop_maps[1]["out"]
+    prob, attrs = open_probmap(out / "example_1" / "prob.zarr")
+    array = zarr.open_array(str(out / "example_1" / "prob.zarr"), mode="r")
+    assert array.chunks == (128, 128) and array.dtype == np.float32
+    assert attrs["mpp"] == 0.5 and attrs["level0_size_xy"] == [100, 100]
+    assert attrs["frame"]["frame_scale"] == 4.0 and attrs["frame"]["mpp"] == 0.125
+    assert attrs["model"]["name"] == FOLD and len(attrs["model"]["sha256"][0]) == 64
+    np.testing.assert_array_equal(prob.compute(), crop_maps[1][1])
+    report = json.loads((out / "example_1" / "probmap.json").read_text())
+    assert report["status"] == "done" and report["patches"] == 160000 and report["blocks_total"] == 16
+    assert not [p for p in (out / "example_1").iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+class _ResourceRecorder:
+    """Scheduler plugin recording the resource restrictions of the infer tasks it sees."""
+
+    name = "resource-recorder"
+
+    def __init__(self):
+        self.seen = []
+
+    def transition(self, key, start, finish, *args, **kwargs):
+        if finish == "processing" and str(key).startswith("('infer-"):
+            task = self.scheduler.tasks[key]
+            self.seen.append(dict(task.resource_restrictions or {}))
+
+    async def start(self, scheduler):
+        self.scheduler = scheduler
+
+
+def test_one_worker_other_blocks_and_storage_equal_the_2_worker_map(crop_maps, model_cache):
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    from wsi_lymph.cluster import dask_client
+
+    recorder = type("Recorder", (_ResourceRecorder, SchedulerPlugin), {})()
+    with dask_client(1, dashboard_address=":0", resources={"GPU": 1}, quiet=True) as one:
+        one.register_plugin(recorder)
+        # Other chunking, float16 storage, exact stride.
+        out16 = crop_maps[1]["out"].parent / "one-worker-f16"
+        params = ProbmapParams(stride_px=1, dtype="float16", chunk_px=64, block_px=192)
+        [result] = run_probmaps(one, CROP_FILES[:1], out16, model=FOLD, mpp=0.5, params=params, progress=False)
+        assert result.status == "done" and result.blocks_total == 9
+        # Other chunking at stride 4 must be bit-identical (halo and interpolation are layout-free).
+        out4 = crop_maps[1]["out"].parent / "one-worker-s4"
+        params = ProbmapParams(stride_px=4, dtype="float32", chunk_px=96, block_px=96)
+        [result] = run_probmaps(one, CROP_FILES[:1], out4, model=FOLD, mpp=0.5, params=params, progress=False)
+        assert result.status == "done"
+        seen = one.run_on_scheduler(lambda dask_scheduler: dask_scheduler.plugins["resource-recorder"].seen)
+    stored = _load(out16)
+    assert stored.dtype == np.float16 and stored.shape == (400, 400)
+    reference = crop_maps[1][1]
+    step = np.spacing(np.abs(reference).astype(np.float16)).astype(np.float32)  # one float16 step at each value
+    assert np.all(np.abs(stored.astype(np.float32) - reference) <= step)
+    np.testing.assert_array_equal(_load(out4), crop_maps[4][1])
+    assert seen and all(r == {"GPU": 1} for r in seen)  # inference asks for a GPU where workers have one
+
+
+def test_uint8_storage_is_within_one_step(client, crop_maps, tmp_path):
+    params = ProbmapParams(stride_px=4, dtype="uint8", chunk_px=256, block_px=256, torch_threads=1)
+    [result] = run_probmaps(client, CROP_FILES[:1], tmp_path, model=FOLD, mpp=0.5, params=params, progress=False)
+    assert result.status == "done"
+    prob, attrs = open_probmap(tmp_path / "example_1" / "prob.zarr")
+    assert attrs["value_scale"] == pytest.approx(1 / 255)
+    assert np.abs(prob.compute() - crop_maps[4][1]).max() <= 0.5 / 255 + 1e-6
+
+
+@pytest.mark.parametrize(
+    ("slide", "mpp", "region"),
+    [
+        ("cmu-1-small-region.svs", None, (650, 950, 300, 300)),
+        ("tcga-cr-7395-01a-01-ts1.svs", 0.5, (600, 600, 300, 300)),
+    ],
+)
+def test_hematoxylin_skip_keeps_the_centres(client, tmp_path, slide, mpp, region):
+    runs = {}
+    for skip in (True, False):
+        params = ProbmapParams(
+            stride_px=4, chunk_px=256, block_px=256, region_level0=region, skip_hematoxylin=skip, torch_threads=1
+        )
+        out = tmp_path / f"skip-{skip}"
+        [result] = run_probmaps(client, [SLIDES / slide], out, model=FOLD, mpp=mpp, params=params, progress=False)
+        assert result.status == "done", result.reason
+        runs[skip] = (result, detect_centers(_load(out, result.name).astype(np.float32)))
+    skipped, full = runs[True], runs[False]
+    score = match_points(skipped[1], full[1], tolerance=1.0)
+    changed = score.false_positives + score.false_negatives
+    print(f"{slide}: {skipped[0].blocks_skipped}/{skipped[0].blocks_total} blocks skipped "
+          f"({skipped[0].skipped_fraction:.1%}), {len(full[1])} centres without skipping, {changed} changed")
+    assert skipped[0].skipped_fraction >= 0.1
+    assert full[0].blocks_skipped == 0
+    assert len(full[1]) >= 10  # enough centres for the comparison to mean something
+    assert changed < 0.01 * len(full[1])
+
+
+def test_slide_without_resolution_fails_clearly(client, tmp_path, model_cache):
+    tcga = SLIDES / "tcga-cr-7395-01a-01-ts1.svs"
+    [result] = run_probmaps(client, [tcga], tmp_path, model=FOLD, progress=False)
+    assert result.status == "failed"
+    assert str(tcga) in result.reason and "--mpp" in result.reason
+
+
+def test_cli_folder_with_a_non_slide(tmp_path, model_cache):
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    os.symlink(CROPS / "example_2.tif", folder / "example_2.tif")
+    (folder / "notes.txt").write_text("this is not a slide\n")
+    (folder / "truncated.svs").write_bytes((SLIDES / "cmu-1-small-region.svs").read_bytes()[:5000])
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "wsi_lymph.cli", "probmap", str(folder), "--out", str(out), "--mpp", "0.5",
+               "--model", FOLD, "--stride", "4", "--workers", "1", "--dashboard", ":0"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=os.environ.copy())
+    assert run.returncode == 1, run.stderr
+    assert "Dask dashboard: http" in run.stdout
+    assert "1 of 3 slides done" in run.stdout
+    assert "notes.txt: not a readable slide" in run.stderr
+    assert "truncated.svs" in run.stderr
+    assert (out / "example_2" / "prob.zarr" / "zarr.json").is_file()
+    assert _load(out, "example_2").max() > 0.9
