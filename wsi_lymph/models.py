@@ -109,7 +109,7 @@ def resolve_source(source: str | None = None) -> str:
     # A scheme needs "://" here, so Windows drive letters ("C:\\...") stay paths.
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", chosen):
         return chosen.rstrip("/")
-    return Path(chosen).expanduser().resolve().as_uri()
+    return Path(chosen).expanduser().absolute().as_uri()
 
 
 def _air_gap_hint() -> str:

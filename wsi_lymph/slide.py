@@ -209,7 +209,7 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None) -> SlideInfo:
     SlideError
         The file is missing, unreadable, or no reader understands it.
     """
-    path = str(Path(path).resolve())
+    path = os.path.abspath(path)  # keep the user's path (no symlink resolution) for messages
     if not os.path.isfile(path):
         raise SlideError(f"{path}: no such file")
     if mpp is not None and not (mpp > 0 and math.isfinite(mpp)):
