@@ -52,7 +52,7 @@ def mask_level(info: SlideInfo, mask_mpp: float = DEFAULT_MASK_MPP) -> tuple[int
     return level, max(1, int(mask_mpp / mpps[level]))
 
 
-def hematoxylin_map(info: SlideInfo, mask_mpp: float = DEFAULT_MASK_MPP, tile_px: int = 2048) -> tuple[da.Array, float]:
+def hematoxylin_map(info: SlideInfo, mask_mpp: float = DEFAULT_MASK_MPP, tile_px: int = 1024) -> tuple[da.Array, float]:
     """Lazy mean hematoxylin optical density on a grid of ~``mask_mpp`` cells.
 
     Returns
@@ -76,6 +76,22 @@ def hematoxylin_map(info: SlideInfo, mask_mpp: float = DEFAULT_MASK_MPP, tile_px
     return hmap, info.level_mpp(level) * factor
 
 
+def cells_of_box(
+    box: tuple[int, int, int, int], frame: ModelFrame, cell_mpp: float, shape: tuple[int, int], margin_um: float
+) -> tuple[int, int, int, int]:
+    """Cell rows/cols (top, bottom, left, right) covering a model-frame box plus ``margin_um``, clipped to ``shape``."""
+    r0, r1, c0, c1 = box
+    per_frame_px = frame.mpp / cell_mpp
+    margin = margin_um / cell_mpp
+    rows, cols = shape
+    return (
+        int(np.clip(np.floor(r0 * per_frame_px - margin), 0, rows)),
+        int(np.clip(np.ceil(r1 * per_frame_px + margin), 0, rows)),
+        int(np.clip(np.floor(c0 * per_frame_px - margin), 0, cols)),
+        int(np.clip(np.ceil(c1 * per_frame_px + margin), 0, cols)),
+    )
+
+
 def blocks_with_hematoxylin(
     hmap: np.ndarray,
     cell_mpp: float,
@@ -83,6 +99,8 @@ def blocks_with_hematoxylin(
     boxes: list[tuple[int, int, int, int]],
     threshold_od: float = DEFAULT_THRESHOLD_OD,
     margin_um: float = DEFAULT_MARGIN_UM,
+    origin_cells: tuple[int, int] = (0, 0),
+    slide_cells: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Which model-frame blocks hold hematoxylin (and so must be evaluated).
 
@@ -100,6 +118,10 @@ def blocks_with_hematoxylin(
         A cell with mean OD above this is hematoxylin.
     margin_um : float
         A block is kept if a hematoxylin cell lies within this distance of it.
+    origin_cells : (int, int)
+        Cell (row, col) of ``hmap[0, 0]`` when ``hmap`` is a window of the slide's map.
+    slide_cells : (int, int), optional
+        Shape of the whole slide's cell grid (default: ``hmap.shape``).
 
     Returns
     -------
@@ -109,15 +131,11 @@ def blocks_with_hematoxylin(
     positive = hmap > threshold_od
     # Summed-area table: any positive cell inside a box in O(1) per box.
     table = np.pad(positive.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    cells_per_frame_px = frame.mpp / cell_mpp
-    margin_cells = margin_um / cell_mpp
     keep = np.zeros(len(boxes), dtype=bool)
-    rows, cols = positive.shape
-    for i, (r0, r1, c0, c1) in enumerate(boxes):
-        top = int(np.clip(np.floor(r0 * cells_per_frame_px - margin_cells), 0, rows))
-        bottom = int(np.clip(np.ceil(r1 * cells_per_frame_px + margin_cells), 0, rows))
-        left = int(np.clip(np.floor(c0 * cells_per_frame_px - margin_cells), 0, cols))
-        right = int(np.clip(np.ceil(c1 * cells_per_frame_px + margin_cells), 0, cols))
+    for i, box in enumerate(boxes):
+        top, bottom, left, right = cells_of_box(box, frame, cell_mpp, slide_cells or hmap.shape, margin_um)
+        top, bottom = np.clip([top - origin_cells[0], bottom - origin_cells[0]], 0, hmap.shape[0])
+        left, right = np.clip([left - origin_cells[1], right - origin_cells[1]], 0, hmap.shape[1])
         count = table[bottom, right] - table[top, right] - table[bottom, left] + table[top, left]
         keep[i] = count > 0
     return keep

@@ -48,6 +48,7 @@ from .hematoxylin import (
     DEFAULT_MASK_MPP,
     DEFAULT_THRESHOLD_OD,
     blocks_with_hematoxylin,
+    cells_of_box,
     hematoxylin_area_mm2,
     hematoxylin_map,
 )
@@ -317,6 +318,7 @@ class _SlideJob:
     pending: int = 0
     failed: bool = False
     infer_seconds: float = 0.0
+    mask_window: tuple = ((0, 0), (0, 0))  # (origin cell, whole-slide cell grid shape)
 
 
 def run_probmaps(
@@ -397,7 +399,10 @@ def run_probmaps(
             _fail(result, str(error), log)
             del jobs[name]
             continue
-        mask_futures[client.compute(hmap)] = (name, cell_mpp)
+        # Only the cells around the analysed region are read and deconvolved.
+        top, bottom, left, right = cells_of_box((r0, r1, c0, c1), frame, cell_mpp, hmap.shape, params.margin_um)
+        job.mask_window = ((top, left), hmap.shape)
+        mask_futures[client.compute(hmap[top:bottom, left:right])] = (name, cell_mpp)
 
     bar = tqdm(total=0, unit="block", desc="probmap", disable=not progress, dynamic_ncols=True)
     block_futures = as_completed()
@@ -411,8 +416,10 @@ def run_probmaps(
             continue
         job.result.hematoxylin_mm2 = hematoxylin_area_mm2(hmap, cell_mpp, params.hematoxylin_threshold_od)
         if params.skip_hematoxylin:
+            origin_cells, slide_cells = job.mask_window
             keep = blocks_with_hematoxylin(
-                hmap, cell_mpp, job.frame, job.boxes, params.hematoxylin_threshold_od, params.margin_um
+                hmap, cell_mpp, job.frame, job.boxes, params.hematoxylin_threshold_od, params.margin_um,
+                origin_cells=origin_cells, slide_cells=slide_cells,
             )
         else:
             keep = np.ones(len(job.boxes), dtype=bool)
