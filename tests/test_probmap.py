@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import dask.array as da
 import numpy as np
 import pytest
 import tifffile
@@ -16,7 +17,7 @@ from conftest import CROPS, SLIDES, crop_centers, level0_to_frame
 
 from wsi_lymph.evaluate import match_points
 from wsi_lymph.models import load_checkpoint, resolve_model
-from wsi_lymph.peaks import detect_centers
+from wsi_lymph.peaks import detect_centers, detect_centers_blockwise
 from wsi_lymph.probmap import ProbmapParams, open_probmap, run_probmaps
 
 FOLD = "janowczyk2016/fold1"
@@ -205,7 +206,12 @@ def test_hematoxylin_skip_keeps_the_centres(client, tmp_path, slide, mpp, region
         out = tmp_path / f"skip-{skip}"
         [result] = run_probmaps(client, [SLIDES / slide], out, model=FOLD, mpp=mpp, params=params, progress=False)
         assert result.status == "done", result.reason
-        runs[skip] = (result, detect_centers(_load(out, result.name).astype(np.float32)))
+        prob = _load(out, result.name).astype(np.float32)
+        runs[skip] = (result, detect_centers(prob))
+        # Blockwise peak detection over the map's own Zarr chunks equals the global pass.
+        chunked = da.from_zarr(zarr.open_array(str(out / result.name / "prob.zarr"), mode="r")).astype(np.float32)
+        row_major = runs[skip][1][np.lexsort((runs[skip][1][:, 1], runs[skip][1][:, 0]))]
+        np.testing.assert_array_equal(detect_centers_blockwise(chunked), row_major)
     skipped, full = runs[True], runs[False]
     score = match_points(skipped[1], full[1], tolerance=1.0)
     changed = score.false_positives + score.false_negatives

@@ -101,3 +101,168 @@ def detect_centers(
 ) -> np.ndarray:
     """The paper's peak procedure on a whole (in-memory) map: (n, 2) (row, col) centres."""
     return greedy_peaks(smooth_probability(prob, smooth_radius_px), threshold, clear_radius_px)
+
+
+# ------------------------------------------------------------------ blockwise
+def _disk_footprint(radius: int) -> np.ndarray:
+    offsets = np.arange(-radius, radius + 1)
+    return offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius * radius
+
+
+def smooth_blockwise(prob, radius_px: float = SMOOTH_RADIUS_PX):
+    """:func:`smooth_probability` on a Dask array, block by block with a halo of the kernel radius.
+
+    The halo holds real neighbouring pixels; only at the map border is it the
+    symmetric mirror (Dask's ``reflect`` repeats the edge pixel, like scipy's
+    ``reflect``), so every output pixel is computed from the same inputs, in
+    the same order, as in one global pass.  Chunks are kept, except that a last
+    chunk thinner than the halo is merged into its neighbour.
+    """
+    kernel = disk_kernel(radius_px)
+    half = kernel.shape[0] // 2
+    prob = prob.rechunk(tuple(_merge_thin_last_chunk(axis, half) for axis in prob.chunks))
+    return prob.map_overlap(
+        lambda block: ndimage.convolve(block.astype(np.float64), kernel, mode="reflect"),
+        depth=half, boundary="reflect", allow_rechunk=False, dtype=np.float64, name="peaks-smooth",
+    )
+
+
+def detect_centers_blockwise(
+    prob,
+    threshold: float = PAPER_THRESHOLD,
+    smooth_radius_px: float = SMOOTH_RADIUS_PX,
+    clear_radius_px: float = CLEAR_RADIUS_PX,
+) -> np.ndarray:
+    """The paper's peak procedure on a chunked map, with exactly the result of :func:`detect_centers`.
+
+    Why this equals one global pass: the greedy takes candidates (pixels above
+    ``threshold``) in decreasing order and drops those within
+    ``clear_radius_px`` (R) of an accepted one.  A candidate's fate depends only
+    on candidates within R, whose fate depends on theirs: such chains can cross
+    any number of blocks, so no fixed halo is exact.  But candidates that are
+    not linked by a chain of gaps <= R never interact.  The map is therefore cut
+    into *components* of linked candidates; the sequential greedy solves each
+    component exactly on its own, and their union is the global answer.
+
+    Components are found blockwise: candidates are dilated by a disk of radius
+    ``ceil(R / 2) + 1`` (two candidates closer than R then always overlap;
+    joining a few more than necessary is harmless), each block labels its
+    dilated mask, and labels touching across block borders (8-connectivity)
+    are joined by union-find.  Ties are broken in row-major order of global
+    coordinates, as in the global pass.
+
+    Parameters
+    ----------
+    prob : dask.array.Array
+        (rows, cols) map of P; chunks must be at least ``ceil(R / 2) + 1`` px
+        wide (a thinner last chunk is merged into its neighbour).
+
+    Returns
+    -------
+    np.ndarray
+        (n, 2) int64 (row, col) centres sorted in row-major order.
+    """
+    import dask
+
+    reach = int(np.ceil(clear_radius_px / 2)) + 1
+    # A map's last chunk can be thinner than the halo; it is merged into its neighbour,
+    # explicitly (every other chunk is kept; map_overlap itself may never rechunk).
+    prob = prob.rechunk(tuple(_merge_thin_last_chunk(axis, reach) for axis in prob.chunks))
+    smoothed = smooth_blockwise(prob, smooth_radius_px)
+    footprint = _disk_footprint(reach)
+    linked = (smoothed > threshold).map_overlap(
+        lambda block: ndimage.binary_dilation(block, structure=footprint),
+        depth=reach, boundary="none", allow_rechunk=False, dtype=bool, name="peaks-link",
+    )
+    grid = smoothed.numblocks
+    offsets = _block_offsets(smoothed.chunks)
+    summaries = dask.compute(*[
+        dask.delayed(_summarise_block)(s, lnk, offset, threshold)
+        for s, lnk, offset in zip(smoothed.to_delayed().ravel(), linked.to_delayed().ravel(), offsets, strict=True)
+    ])
+    component = _join_components(summaries, grid)
+    rows = np.concatenate([b["rows"] for b in summaries])
+    cols = np.concatenate([b["cols"] for b in summaries])
+    values = np.concatenate([b["values"] for b in summaries])
+    owner = np.concatenate([component[i][b["labels"]] for i, b in enumerate(summaries)])
+    centres = []
+    order = np.argsort(owner, kind="stable")
+    for members in np.split(order, np.flatnonzero(np.diff(owner[order])) + 1):
+        if len(members) == 0:
+            continue
+        r, c = rows[members], cols[members]
+        top, left = r.min(), c.min()
+        # The component alone on its bounding box; everything else stays below the threshold.
+        local = np.full((r.max() - top + 1, c.max() - left + 1), -np.inf)
+        local[r - top, c - left] = values[members]
+        centres.append(greedy_peaks(local, threshold, clear_radius_px) + [top, left])
+    if not centres:
+        return np.zeros((0, 2), dtype=np.int64)
+    result = np.concatenate(centres)
+    return result[np.lexsort((result[:, 1], result[:, 0]))]
+
+
+def _merge_thin_last_chunk(sizes: tuple[int, ...], depth: int) -> tuple[int, ...]:
+    if len(sizes) > 1 and sizes[-1] < depth:
+        return (*sizes[:-2], sizes[-2] + sizes[-1])
+    return sizes
+
+
+def _block_offsets(chunks) -> list[tuple[int, int]]:
+    row_starts = np.cumsum((0,) + chunks[0][:-1])
+    col_starts = np.cumsum((0,) + chunks[1][:-1])
+    return [(int(r), int(c)) for r in row_starts for c in col_starts]
+
+
+def _summarise_block(smoothed: np.ndarray, linked: np.ndarray, offset: tuple[int, int], threshold: float) -> dict:
+    """Candidates of one block with their local component labels, and the labels on the block's border."""
+    labels, count = ndimage.label(linked, structure=np.ones((3, 3), dtype=bool))
+    rows, cols = np.nonzero(smoothed > threshold)
+    return {
+        "rows": rows + offset[0], "cols": cols + offset[1], "values": smoothed[rows, cols],
+        "labels": labels[rows, cols], "count": count,
+        "top": labels[0].copy(), "bottom": labels[-1].copy(),
+        "left": labels[:, 0].copy(), "right": labels[:, -1].copy(),
+    }
+
+
+def _join_components(summaries: list[dict], grid: tuple[int, int]) -> list[np.ndarray]:
+    """Union-find over (block, local label): labels touching across a block border are one component.
+
+    Returns, per block, an array mapping local label -> global component id (index 0 unused).
+    """
+    starts = np.cumsum([0] + [b["count"] + 1 for b in summaries])
+    parent = np.arange(starts[-1])
+
+    def find(node: int) -> int:
+        while parent[node] != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    def join(block_a: int, labels_a: np.ndarray, block_b: int, labels_b: np.ndarray) -> None:
+        # 8-connectivity across the border: same position and the two diagonal neighbours.
+        for shift in (-1, 0, 1):
+            a = labels_a[max(0, shift) : len(labels_a) + min(0, shift)]
+            b = labels_b[max(0, -shift) : len(labels_b) + min(0, -shift)]
+            touching = (a > 0) & (b > 0)
+            for la, lb in set(zip(a[touching].tolist(), b[touching].tolist(), strict=True)):
+                root_a, root_b = find(starts[block_a] + la), find(starts[block_b] + lb)
+                if root_a != root_b:
+                    parent[max(root_a, root_b)] = min(root_a, root_b)
+
+    n_rows, n_cols = grid
+    for i in range(n_rows):
+        for j in range(n_cols):
+            here = i * n_cols + j
+            if j + 1 < n_cols:
+                join(here, summaries[here]["right"], here + 1, summaries[here + 1]["left"])
+            if i + 1 < n_rows:
+                below = here + n_cols
+                join(here, summaries[here]["bottom"], below, summaries[below]["top"])
+                # Corner contacts with the diagonal blocks.
+                if j + 1 < n_cols:
+                    join(here, summaries[here]["bottom"][-1:], below + 1, summaries[below + 1]["top"][:1])
+                if j > 0:
+                    join(here, summaries[here]["bottom"][:1], below - 1, summaries[below - 1]["top"][-1:])
+    return [np.array([find(starts[k] + label) for label in range(b["count"] + 1)]) for k, b in enumerate(summaries)]

@@ -1,0 +1,47 @@
+"""The command line, run as a user runs it (subprocess, exit status, messages)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+from conftest import MODEL_MIRROR, SLIDES
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "wsi_lymph.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, env=env or os.environ.copy())
+
+
+def test_info_lists_levels_and_frame():
+    run = _cli("info", str(SLIDES / "cmu-1-small-region.svs"), str(SLIDES / "tcga-cr-7395-01a-01-ts1.svs"))
+    assert run.returncode == 0, run.stderr
+    assert "level 0: 2220 x 2967 px" in run.stdout and "mpp: 0.499" in run.stdout
+    assert "level 1: 2221 x 1783 px" in run.stdout and "mpp: None" in run.stdout
+    assert "model frame: level 0 x4 -> 8880 x 11868 px" in run.stdout
+
+
+def test_models_fetch_and_import_caffe(tmp_path):
+    env = os.environ.copy() | {"WSI_LYMPH_CACHE": str(tmp_path / "cache")}
+    run = _cli("models", "fetch", "janowczyk2016", "--source", MODEL_MIRROR.as_uri(), env=env)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("fold") >= 5 and (tmp_path / "cache/models/janowczyk2016/fold5.pt").is_file()
+
+    bad = _cli("models", "fetch", "janowczyk2016", "--source", (tmp_path / "nowhere").as_uri(), "--force", env=env)
+    assert bad.returncode == 1 and "WSI_LYMPH_MODEL_SOURCE" in bad.stderr
+
+    out = tmp_path / "fold2.pt"
+    run = _cli("models", "import-caffe", str(MODEL_MIRROR / "2_caffenet_train_w32_iter_600000.caffemodel"),
+               str(MODEL_MIRROR / "DB_train_w32_2.binaryproto"), "--out", str(out), "--fold", "2")
+    assert run.returncode == 0, run.stderr
+    checkpoint = torch.load(out, weights_only=True)
+    assert checkpoint["meta"]["fold"] == 2 and checkpoint["mean_bgr"].shape == (3, 32, 32)
+
+    garbage = tmp_path / "garbage.caffemodel"
+    garbage.write_bytes(b"\x00\xff" * 50)
+    run = _cli("models", "import-caffe", str(garbage), str(MODEL_MIRROR / "DB_train_w32_2.binaryproto"),
+               "--out", str(tmp_path / "x.pt"))
+    assert run.returncode == 1 and "garbage.caffemodel" in run.stderr
+    assert not (tmp_path / "x.pt").exists()
