@@ -45,3 +45,25 @@ def test_models_fetch_and_import_caffe(tmp_path):
                "--out", str(tmp_path / "x.pt"))
     assert run.returncode == 1 and "garbage.caffemodel" in run.stderr
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_demo_fetches_the_sample_slide_and_detects(tmp_path):
+    from conftest import DATA
+
+    env = os.environ.copy() | {
+        "WSI_LYMPH_CACHE": str(tmp_path / "cache"),
+        "WSI_LYMPH_DATA_SOURCE": (DATA / "slides").as_uri(),
+        "WSI_LYMPH_MODEL_SOURCE": MODEL_MIRROR.as_uri(),
+    }
+    out = tmp_path / "demo"
+    run = _cli("demo", "--out", str(out), "--region", "700,1000,200,200", "--workers", "1", "--dashboard", ":0",
+               env=env)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "cache" / "data" / "CMU-1-Small-Region.svs").stat().st_size == 1_938_955
+    summary = (out / "CMU-1-Small-Region" / "summary.json").read_text()
+    assert '"count"' in summary and (out / "CMU-1-Small-Region" / "centers.geojson").is_file()
+
+    env["WSI_LYMPH_CACHE"] = str(tmp_path / "other-cache")
+    env["WSI_LYMPH_DATA_SOURCE"] = (tmp_path / "empty").as_uri()
+    run = _cli("demo", "--out", str(out), env=env)
+    assert run.returncode == 1 and "CMU-1-Small-Region.svs" in run.stderr and "--source" in run.stderr

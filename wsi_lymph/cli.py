@@ -37,20 +37,51 @@ def _add_probmap_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block", type=int, default=None, help="inference task edge, model-frame px (chunk multiple)")
     parser.add_argument("--batch-size", type=int, default=512, help="patches per forward pass")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--force", action="store_true", help="recompute slides already finished in --out")
     _add_cluster_options(parser)
 
 
-def cmd_probmap(args: argparse.Namespace) -> int:
-    from .cluster import dask_client, default_workers, torch_threads_per_worker
-    from .probmap import ProbmapParams, run_probmaps
+def _run_batch(args: argparse.Namespace, command: str) -> int:
+    """Shared body of ``probmap`` and ``detect``: find slides, start the cluster, run, report."""
+    from .cluster import dask_client, default_workers
     from .slide import find_slides
 
     slides = find_slides(args.slides)
     if not slides:
-        print("wsi-lymph probmap: no slides found in " + ", ".join(args.slides), file=sys.stderr)
+        print(f"wsi-lymph {command}: no slides found in " + ", ".join(args.slides), file=sys.stderr)
         return 2
     workers = args.workers or default_workers()
-    params = ProbmapParams(
+    params = _probmap_params(args, workers)
+    options = dict(model=args.model, mpp=args.mpp, params=params, model_source=args.model_source, force=args.force)
+    with dask_client(workers, args.scheduler, dashboard_address=args.dashboard) as client:
+        if command == "detect":
+            from .detect import run_detect
+
+            results = run_detect(client, slides, args.out, threshold=args.threshold, **options)
+        else:
+            from .probmap import run_probmaps
+
+            results = run_probmaps(client, slides, args.out, **options)
+    failed = [r for r in results if r.status != "done"]
+    print(f"{len(results) - len(failed)} of {len(results)} slides done; outputs in {args.out}")
+    for result in failed:
+        print(f"FAILED {result.path}: {result.reason}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_probmap(args: argparse.Namespace) -> int:
+    return _run_batch(args, "probmap")
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    return _run_batch(args, "detect")
+
+
+def _probmap_params(args: argparse.Namespace, workers: int):
+    from .cluster import torch_threads_per_worker
+    from .probmap import ProbmapParams
+
+    return ProbmapParams(
         stride_px=args.stride,
         mirror=args.mirror,
         chunk_px=args.chunk,
@@ -62,15 +93,33 @@ def cmd_probmap(args: argparse.Namespace) -> int:
         device=args.device,
         torch_threads=None if args.scheduler else torch_threads_per_worker(workers),
     )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Fetch the public demo slide and the paper's models, then run ``detect`` on a region of it."""
+    from .cluster import dask_client, default_workers
+    from .demo import DEMO_REGION_LEVEL0, DataError, fetch_demo_slide
+    from .detect import run_detect
+    from .models import ModelError, resolve_model
+
+    try:
+        slide = fetch_demo_slide(args.source)
+        resolve_model(args.model, source=args.model_source)
+    except (DataError, ModelError) as error:
+        print(f"wsi-lymph demo: {error}", file=sys.stderr)
+        return 1
+    args.region = args.region or DEMO_REGION_LEVEL0
+    workers = args.workers or default_workers()
     with dask_client(workers, args.scheduler, dashboard_address=args.dashboard) as client:
-        results = run_probmaps(
-            client, slides, args.out, model=args.model, mpp=args.mpp, params=params, model_source=args.model_source
+        [result] = run_detect(
+            client, [slide], args.out, model=args.model, params=_probmap_params(args, workers),
+            model_source=args.model_source, force=args.force,
         )
-    failed = [r for r in results if r.status != "done"]
-    print(f"{len(results) - len(failed)} of {len(results)} slides done; maps in {args.out}")
-    for result in failed:
-        print(f"FAILED {result.path}: {result.reason}", file=sys.stderr)
-    return 1 if failed else 0
+    if result.status != "done":
+        print(f"wsi-lymph demo: {result.reason}", file=sys.stderr)
+        return 1
+    print(f"demo done: outputs in {Path(result.output).parent}")
+    return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -137,6 +186,24 @@ def build_parser() -> argparse.ArgumentParser:
     probmap = commands.add_parser("probmap", help="slides -> Zarr maps of P(lymphocyte center)")
     _add_probmap_options(probmap)
     probmap.set_defaults(func=cmd_probmap)
+
+    detect = commands.add_parser("detect", help="slides -> lymphocyte centres (CSV, GeoJSON, summary)")
+    _add_probmap_options(detect)
+    detect.add_argument("--threshold", type=float, default=None, help="peak threshold (default: the model's)")
+    detect.set_defaults(func=cmd_detect)
+
+    demo = commands.add_parser("demo", help="fetch a public sample slide and the models, run detect on it")
+    demo.add_argument("--out", required=True, type=Path)
+    demo.add_argument("--source", default=None, help="URL or folder holding CMU-1-Small-Region.svs "
+                      "(default: OpenSlide's test data; env WSI_LYMPH_DATA_SOURCE)")
+    demo.add_argument("--model", default="janowczyk2016/fold1")
+    demo.add_argument("--model-source", default=None)
+    demo.add_argument("--stride", type=int, default=4)
+    demo.add_argument("--region", type=_region, default=None, help="level-0 X,Y,W,H (default: a 600 px region)")
+    for name, default in (("--mirror", False), ("--no-skip", False), ("--force", False)):
+        demo.add_argument(name, action="store_true", default=default)
+    demo.set_defaults(func=cmd_demo, dtype="float16", chunk=512, block=None, batch_size=512, device=None, mpp=None)
+    _add_cluster_options(demo)
 
     info = commands.add_parser("info", help="print a slide's levels, resolution and model frame")
     info.add_argument("slides", nargs="+")

@@ -98,14 +98,14 @@ def janowczyk2016_checkpoint(fold: int) -> Path:
     return cache_dir() / "models" / JANOWCZYK2016 / f"fold{fold}.pt"
 
 
-def resolve_source(source: str | None = None) -> str:
+def resolve_source(source: str | None = None, *, env_var: str = SOURCE_ENV, default: str = DEFAULT_SOURCE) -> str:
     """Base URL to download the released files from.
 
     ``source`` wins over ``$WSI_LYMPH_MODEL_SOURCE``, which wins over
     :data:`DEFAULT_SOURCE`.  A plain local folder path becomes a ``file://``
     URL.
     """
-    chosen = source or os.environ.get(SOURCE_ENV) or DEFAULT_SOURCE
+    chosen = source or os.environ.get(env_var) or default
     # A scheme needs "://" here, so Windows drive letters ("C:\\...") stay paths.
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", chosen):
         return chosen.rstrip("/")
@@ -120,10 +120,20 @@ def _air_gap_hint() -> str:
     )
 
 
-def _download_verified(
-    url: str, dest: Path, expected_sha256: str, progress: Callable[[str], None] | None
+def download_verified(
+    url: str,
+    dest: Path,
+    expected_sha256: str,
+    progress: Callable[[str], None] | None,
+    *,
+    hint: str | None = None,
+    error: type[Exception] = ModelError,
 ) -> None:
-    """Download ``url`` to ``dest`` via a temporary file, keeping it only if its sha256 matches."""
+    """Download ``url`` to ``dest`` via a temporary file, keeping it only if its sha256 matches.
+
+    Failures raise ``error`` naming the URL and the reason, followed by ``hint``
+    (default: how to point the model fetcher at a local mirror).
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
     if progress is not None:
         progress(f"downloading {url}")
@@ -138,10 +148,10 @@ def _download_verified(
                     out.write(chunk)
         except (OSError, ValueError) as exc:  # URLError/HTTPError/timeouts are OSErrors
             reason = getattr(exc, "reason", None) or exc
-            raise ModelError(f"could not download {url}: {reason}. {_air_gap_hint()}") from exc
+            raise error(f"could not download {url}: {reason}. {hint or _air_gap_hint()}") from exc
         actual = h.hexdigest()
         if actual != expected_sha256:
-            raise ModelError(
+            raise error(
                 f"sha256 mismatch for {url}: expected {expected_sha256}, got {actual}; "
                 "the file was deleted (wrong or corrupted mirror?)"
             )
@@ -202,7 +212,7 @@ def fetch_janowczyk2016(
             expected = JANOWCZYK2016_SHA256[filename]
             # A verified earlier download (e.g. an interrupted conversion) need not be fetched again.
             if force or not dest.is_file() or file_sha256(dest) != expected:
-                _download_verified(f"{base}/{urllib.parse.quote(filename)}", dest, expected, progress)
+                download_verified(f"{base}/{urllib.parse.quote(filename)}", dest, expected, progress)
             raw.append(dest)
         if progress is not None:
             progress(f"converting fold {k} -> {ckpt}")

@@ -132,7 +132,9 @@ def detect_centers_blockwise(
     threshold: float = PAPER_THRESHOLD,
     smooth_radius_px: float = SMOOTH_RADIUS_PX,
     clear_radius_px: float = CLEAR_RADIUS_PX,
-) -> np.ndarray:
+    *,
+    return_scores: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """The paper's peak procedure on a chunked map, with exactly the result of :func:`detect_centers`.
 
     Why this equals one global pass: the greedy takes candidates (pixels above
@@ -157,10 +159,15 @@ def detect_centers_blockwise(
         (rows, cols) map of P; chunks must be at least ``ceil(R / 2) + 1`` px
         wide (a thinner last chunk is merged into its neighbour).
 
+    return_scores : bool
+        Also return the smoothed P at each centre.
+
     Returns
     -------
-    np.ndarray
+    centres : np.ndarray
         (n, 2) int64 (row, col) centres sorted in row-major order.
+    scores : np.ndarray
+        (n,) float64 smoothed P at the centres (only with ``return_scores``).
     """
     import dask
 
@@ -185,7 +192,7 @@ def detect_centers_blockwise(
     cols = np.concatenate([b["cols"] for b in summaries])
     values = np.concatenate([b["values"] for b in summaries])
     owner = np.concatenate([component[i][b["labels"]] for i, b in enumerate(summaries)])
-    centres = []
+    centres, scores = [], []
     order = np.argsort(owner, kind="stable")
     for members in np.split(order, np.flatnonzero(np.diff(owner[order])) + 1):
         if len(members) == 0:
@@ -195,11 +202,13 @@ def detect_centers_blockwise(
         # The component alone on its bounding box; everything else stays below the threshold.
         local = np.full((r.max() - top + 1, c.max() - left + 1), -np.inf)
         local[r - top, c - left] = values[members]
-        centres.append(greedy_peaks(local, threshold, clear_radius_px) + [top, left])
-    if not centres:
-        return np.zeros((0, 2), dtype=np.int64)
-    result = np.concatenate(centres)
-    return result[np.lexsort((result[:, 1], result[:, 0]))]
+        found = greedy_peaks(local, threshold, clear_radius_px)
+        centres.append(found + [top, left])
+        scores.append(local[found[:, 0], found[:, 1]])
+    result = np.concatenate(centres) if centres else np.zeros((0, 2), dtype=np.int64)
+    result_scores = np.concatenate(scores) if scores else np.zeros(0)
+    order = np.lexsort((result[:, 1], result[:, 0]))
+    return (result[order], result_scores[order]) if return_scores else result[order]
 
 
 def _merge_thin_last_chunk(sizes: tuple[int, ...], depth: int) -> tuple[int, ...]:

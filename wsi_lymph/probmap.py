@@ -19,7 +19,6 @@ has finished, so a map on disk is always complete.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import shutil
 import time
@@ -54,6 +53,7 @@ from .hematoxylin import (
 )
 from .models import file_sha256, load_checkpoint, resolve_model
 from .network import patch_grid_probabilities
+from .outputs import write_json
 from .slide import SlideError, SlideInfo, open_slide
 
 STORE_DTYPES = {"float32": 1.0, "float16": 1.0, "uint8": 1.0 / 255.0}
@@ -129,6 +129,8 @@ class SlideResult:
     patches: int = 0
     hematoxylin_mm2: float = 0.0
     seconds: dict = field(default_factory=dict)
+    blocks_resumed: int = 0  # finished before an interruption, not recomputed
+    reused: bool = False  # the map was already complete in the output folder
 
     @property
     def skipped_fraction(self) -> float:
@@ -264,13 +266,6 @@ def replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON to a temporary file in the same folder, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def model_description(model: str, checkpoints: Sequence[Path]) -> dict:
     """Identity of a model for map attributes: name, member files and their sha256."""
     metas = [load_checkpoint(path)[2] for path in checkpoints]
@@ -314,11 +309,33 @@ class _SlideJob:
     boxes: list
     tmp_store: Path
     final_store: Path
+    run_id: str
     started: float
     pending: int = 0
     failed: bool = False
     infer_seconds: float = 0.0
     mask_window: tuple = ((0, 0), (0, 0))  # (origin cell, whole-slide cell grid shape)
+    manifest: object = None  # open append-only file of finished blocks
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.tmp_store.with_name(self.tmp_store.name + ".blocks")
+
+    def finished_blocks(self) -> set[tuple[int, int]]:
+        """Blocks recorded as written by an earlier, interrupted run with the same settings."""
+        try:
+            array = zarr.open_array(str(self.tmp_store), mode="r")
+            same_run = dict(array.attrs)["wsi_lymph"].get("run_id") == self.run_id
+            lines = self.manifest_path.read_text().splitlines() if same_run else []
+        except (FileNotFoundError, KeyError, ValueError, zarr.errors.BaseZarrError):
+            return set()
+        # A line is only complete once its newline is written; a torn last line is ignored.
+        return {tuple(map(int, line.split())) for line in lines if len(line.split()) == 2}
+
+    def record(self, box: tuple[int, int, int, int]) -> None:
+        self.manifest.write(f"{box[0]} {box[2]}\n")
+        self.manifest.flush()
+        os.fsync(self.manifest.fileno())
 
 
 def run_probmaps(
@@ -330,6 +347,7 @@ def run_probmaps(
     mpp: float | None = None,
     params: ProbmapParams = ProbmapParams(),
     model_source: str | None = None,
+    force: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> list[SlideResult]:
@@ -337,6 +355,12 @@ def run_probmaps(
 
     A slide that cannot be opened or fails during computation is reported in
     its :class:`SlideResult` (``status="failed"``, ``reason``); the others go on.
+
+    Resuming: a slide whose map is complete is not recomputed (unless
+    ``force``).  While a map is computed, every block that has been written is
+    appended to a manifest beside the partial store; a run interrupted at any
+    point (even by SIGKILL) and started again with the same settings
+    recomputes only the blocks missing from the manifest.
 
     Parameters
     ----------
@@ -353,6 +377,8 @@ def run_probmaps(
     params : ProbmapParams
     model_source : str, optional
         Where to fetch the paper's models from if they are not cached.
+    force : bool
+        Recompute maps that are already complete, and ignore partial ones.
     progress : bool
         Show a progress bar (stderr).
     log : callable
@@ -384,11 +410,14 @@ def run_probmaps(
             continue
         boxes = [(a + r0, b + r0, c + c0, d + c0) for a, b, c, d in block_boxes((r1 - r0, c1 - c0), params.block_px)]
         slide_dir = out_dir / name
+        if not force and _reuse_finished(result, slide_dir, log):
+            continue
         slide_dir.mkdir(parents=True, exist_ok=True)
         job = _SlideJob(
             result, info, frame, (r0, c0), boxes,
-            tmp_store=slide_dir / f".prob.zarr.partial-{uuid.uuid4().hex[:8]}",
+            tmp_store=slide_dir / ".prob.zarr.partial",
             final_store=slide_dir / "prob.zarr",
+            run_id=_run_id(info, frame, (r0, r1, c0, c1), model_info, params),
             started=time.perf_counter(),
         )
         result.blocks_total = len(boxes)
@@ -426,17 +455,23 @@ def run_probmaps(
         job.result.blocks_skipped = int((~keep).sum())
         job.result.seconds["hematoxylin"] = round(time.perf_counter() - job.started, 3)
         (r0, c0), frame = job.origin_rc, job.frame
-        shape = (job.boxes[-1][1] - r0, job.boxes[-1][3] - c0)
-        zarr.create_array(
-            store=str(job.tmp_store),
-            shape=shape,
-            chunks=(params.chunk_px, params.chunk_px),
-            dtype=params.dtype,
-            fill_value=0,
-            attributes=_map_attributes(job.info, frame, job.origin_rc, model_info, params),
-            overwrite=True,
-        )
-        kept = [box for box, flag in zip(job.boxes, keep, strict=True) if flag]
+        finished = set() if force else job.finished_blocks()
+        if not finished:
+            job.manifest_path.unlink(missing_ok=True)
+            attributes = _map_attributes(job.info, frame, job.origin_rc, model_info, params)
+            attributes["wsi_lymph"]["run_id"] = job.run_id
+            zarr.create_array(
+                store=str(job.tmp_store),
+                shape=(job.boxes[-1][1] - r0, job.boxes[-1][3] - c0),
+                chunks=(params.chunk_px, params.chunk_px),
+                dtype=params.dtype,
+                fill_value=0,
+                attributes=attributes,
+                overwrite=True,
+            )
+        job.manifest = open(job.manifest_path, "a")  # noqa: SIM115 (closed when the slide ends)
+        kept = [box for box, flag in zip(job.boxes, keep, strict=True) if flag and (box[0], box[2]) not in finished]
+        job.result.blocks_resumed = int(keep.sum()) - len(kept)
         job.pending = len(kept)
         bar.total += len(kept)
         bar.refresh()
@@ -462,8 +497,9 @@ def run_probmaps(
         except Exception as error:
             job.failed = True
             _fail(job.result, f"{job.info.path}: block {future.key[1:]} failed: {type(error).__name__}: {error}", log)
-            shutil.rmtree(job.tmp_store, ignore_errors=True)
+            job.manifest.close()  # the partial map and its manifest stay for a later resume
             continue
+        job.record((future.key[1], 0, future.key[2], 0))
         job.result.patches += stats["patches"]
         job.infer_seconds += stats["seconds"]
         job.pending -= 1
@@ -477,14 +513,42 @@ def _finish(job: _SlideJob, log: Callable[[str], None]) -> None:
     result = job.result
     result.seconds["infer_task_sum"] = round(job.infer_seconds, 3)
     result.seconds["wall"] = round(time.perf_counter() - job.started, 3)
+    if job.manifest is not None:
+        job.manifest.close()
     replace_dir(job.tmp_store, job.final_store)
+    job.manifest_path.unlink(missing_ok=True)
     result.status, result.output = "done", str(job.final_store)
     summary = asdict(result) | {"skipped_fraction": result.skipped_fraction}
-    write_json_atomic(job.final_store.parent / "probmap.json", summary)
+    write_json(job.final_store.parent / "probmap.json", summary)
     log(
         f"{result.name}: done, {result.blocks_total} blocks, {result.skipped_fraction:.1%} skipped "
         f"(no hematoxylin), {result.patches} patches, {result.seconds['wall']:.1f} s -> {result.output}"
     )
+
+
+def _reuse_finished(result: SlideResult, slide_dir: Path, log: Callable[[str], None]) -> bool:
+    """Fill ``result`` from a complete earlier map in ``slide_dir``; False if there is none."""
+    import json
+
+    report = slide_dir / "probmap.json"
+    if not (slide_dir / "prob.zarr").is_dir() or not report.is_file():
+        return False
+    earlier = json.loads(report.read_text())
+    for key in ("blocks_total", "blocks_skipped", "patches", "hematoxylin_mm2", "seconds"):
+        setattr(result, key, earlier.get(key, getattr(result, key)))
+    result.status, result.output, result.reused = "done", str(slide_dir / "prob.zarr"), True
+    log(f"{result.name}: already done in {slide_dir}, skipped (--force recomputes)")
+    return True
+
+
+def _run_id(info: SlideInfo, frame: ModelFrame, box, model: dict, params: ProbmapParams) -> str:
+    """Fingerprint of everything that determines the map's values (not where or how fast it runs)."""
+    import hashlib
+    import json
+
+    settings = asdict(params) | {"device": None, "torch_threads": None}
+    payload = [info.path, info.mpp, frame.attrs(), list(box), model["sha256"], settings]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _fail(result: SlideResult, reason: str, log: Callable[[str], None]) -> None:

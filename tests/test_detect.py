@@ -1,0 +1,66 @@
+"""wsi-lymph detect: centres and outputs on a real 2-worker cluster."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+from conftest import CROPS, crop_centers
+
+from wsi_lymph.evaluate import match_points
+from wsi_lymph.probmap import ProbmapParams
+
+FOLD = "janowczyk2016/fold1"
+
+
+def test_detect_writes_outputs_that_read_back(client, tmp_path):
+    from wsi_lymph.detect import run_detect
+
+    slides = [CROPS / f"example_{i}.tif" for i in (1, 2, 3)] + [CROPS / "missing.tif"]
+    params = ProbmapParams(stride_px=4, chunk_px=128, block_px=128, torch_threads=1)
+    results = run_detect(client, slides, tmp_path, model=FOLD, mpp=0.5, params=params, progress=False)
+    assert [r.status for r in results] == ["done", "done", "done", "failed"]
+    batch = json.loads((tmp_path / "batch.json").read_text())
+    assert (batch["done"], batch["failed"]) == (3, 1) and "no such file" in batch["slides"][3]["reason"]
+
+    pooled = [0, 0, 0]
+    for i in (1, 2, 3):
+        folder = tmp_path / f"example_{i}"
+        with open(folder / "centers.csv") as handle:
+            rows = list(csv.DictReader(handle))
+        xy = np.array([[float(r["x"]), float(r["y"])] for r in rows])
+        assert len(rows) > 10
+        assert (xy >= -0.5).all() and (xy <= 99.5).all()  # inside the 100 x 100 slide
+        np.testing.assert_allclose([float(r["x_um"]) for r in rows], xy[:, 0] * 0.5, atol=1e-3)
+        assert all(float(r["probability"]) > 0.7706 for r in rows)
+
+        geojson = json.loads((folder / "centers.geojson").read_text())
+        assert geojson["type"] == "FeatureCollection" and len(geojson["features"]) == len(rows)
+        feature = geojson["features"][0]
+        assert feature["geometry"]["type"] == "Point"
+        assert feature["properties"]["objectType"] == "detection"
+        assert feature["properties"]["classification"]["name"] == "Lymphocyte"
+        np.testing.assert_allclose([f["geometry"]["coordinates"] for f in geojson["features"]], xy)
+
+        table = pq.read_table(folder / "centers.parquet").to_pydict()
+        np.testing.assert_allclose(table["x"], xy[:, 0])
+
+        for picture in ("overlay.png", "density.png", f"example_{i}_prob.png", f"example_{i}_class.png"):
+            assert (folder / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", picture
+        summary = json.loads((folder / "summary.json").read_text())
+        assert summary["count"] == len(rows)
+        assert summary["analysed_area_mm2"] == round(100 * 100 * 0.5**2 / 1e6, 6)
+        assert summary["density_per_mm2_analysed"] == round(len(rows) / summary["analysed_area_mm2"], 3)
+        assert summary["model"]["name"] == FOLD and summary["threshold"] == 0.7706
+
+        # The detections are where the pathologist marked lymphocytes (level-0 px, tolerance 6 px).
+        truth = crop_centers(i)[:, ::-1]  # (row, col) -> (x, y)
+        score = match_points(xy, truth, tolerance=6.0)
+        counts = (score.true_positives, score.false_positives, score.false_negatives)
+        pooled = [a + b for a, b in zip(pooled, counts, strict=True)]
+    tp, fp, fn = pooled
+    f_score = 2 * tp / (2 * tp + fp + fn)
+    print(f"fold 1, stride 4, three crops pooled: TP {tp} FP {fp} FN {fn} F {f_score:.3f}")
+    assert f_score >= 0.8
