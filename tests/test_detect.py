@@ -64,3 +64,70 @@ def test_detect_writes_outputs_that_read_back(client, tmp_path):
     f_score = 2 * tp / (2 * tp + fp + fn)
     print(f"fold 1, stride 4, three crops pooled: TP {tp} FP {fp} FN {fn} F {f_score:.3f}")
     assert f_score >= 0.8
+
+
+def test_ensemble_on_the_annotated_crops_and_evaluate_cli(client, tmp_path):
+    """The five folds as an ensemble; ``wsi-lymph evaluate`` scores it and sweeps the threshold."""
+    import os
+    import subprocess
+    import sys
+
+    from wsi_lymph.detect import run_detect
+    from wsi_lymph.evaluate import read_points, read_scores, threshold_sweep
+
+    slides = [CROPS / f"example_{i}.tif" for i in (1, 2, 3)]
+    params = ProbmapParams(stride_px=4, chunk_px=128, block_px=128, torch_threads=1)
+    # Detected at a low threshold: the greedy takes centres in decreasing order, so any higher
+    # threshold is the same run with the tail cut off.
+    results = run_detect(client, slides, tmp_path, model="janowczyk2016", mpp=0.5, params=params, threshold=0.5,
+                         progress=False)
+    assert all(r.status == "done" for r in results)
+    report_path = tmp_path / "evaluation.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "wsi_lymph.cli", "evaluate", str(tmp_path), str(CROPS), "--sweep",
+         "--json", str(report_path)], capture_output=True, text=True, timeout=120, env=os.environ.copy(),
+    )
+    assert run.returncode == 0, run.stderr
+    print(run.stdout)
+    report = json.loads(report_path.read_text())
+    assert sorted(report["images"]) == ["example_1", "example_2", "example_3"]
+    assert report["images"]["example_1"]["annotation"].endswith("example_1_seed.tif")
+    assert 0.5 <= report["best_threshold"] < 0.99
+
+    detections = [(read_points(tmp_path / f"example_{i}" / "centers.csv"),
+                   read_scores(tmp_path / f"example_{i}" / "centers.csv")) for i in (1, 2, 3)]
+    truths = [crop_centers(i)[:, ::-1] for i in (1, 2, 3)]
+    [(_, paper)] = threshold_sweep(detections, truths, [6.0] * 3, np.array([0.7706]))
+    print(f"ensemble, stride 4, paper threshold 0.7706: P {paper.precision:.3f} R {paper.recall:.3f} "
+          f"F {paper.f_score:.3f}")
+    assert paper.f_score >= 0.85
+
+
+def test_detect_over_the_shared_slides_folder(model_cache, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import SLIDES
+
+    out = tmp_path / "out"
+    run = subprocess.run(
+        [sys.executable, "-m", "wsi_lymph.cli", "detect", str(SLIDES), "--out", str(out), "--mpp", "0.5",
+         "--region", "0,0,300,250", "--stride", "4", "--model", FOLD, "--workers", "2", "--dashboard", ":0"],
+        capture_output=True, text=True, timeout=600, env=os.environ.copy(),
+    )
+    assert run.returncode == 0, run.stderr
+    assert "3 of 3 slides done" in run.stdout
+    batch = json.loads((out / "batch.json").read_text())
+    assert [s["status"] for s in batch["slides"]] == ["done"] * 3
+    for slide in batch["slides"]:
+        folder = out / slide["name"]
+        with open(folder / "centers.csv") as handle:
+            rows = list(csv.DictReader(handle))
+        geojson = json.loads((folder / "centers.geojson").read_text())
+        summary = json.loads((folder / "summary.json").read_text())
+        assert len(geojson["features"]) == len(rows) == summary["count"]
+        for row in rows:
+            assert -0.5 <= float(row["x"]) <= 300 and -0.5 <= float(row["y"]) <= 250
+        assert summary["analysed_area_mm2"] == round(300 * 250 * 0.5**2 / 1e6, 6)
+    assert sum(json.loads((out / s["name"] / "summary.json").read_text())["count"] for s in batch["slides"]) > 0

@@ -122,6 +122,90 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluation_pairs(pred: Path, truth: Path) -> list[tuple[str, Path, Path]]:
+    """(name, centres CSV, annotation file) pairs; folders are paired by slide name."""
+    if pred.is_file():
+        return [(pred.parent.name, pred, truth)]
+    pairs = []
+    for centres in sorted(pred.glob("*/centers.csv")):
+        name = centres.parent.name
+        bare = name[2:] if name.startswith("im") else name  # the paper's im<N>.tif goes with <N>m.tif
+        # Annotation files: <name>_seed.*, <name>.csv / <name>_*.csv, or the paper's mask <N>m.tif.
+        candidates = [
+            p for p in ([truth] if truth.is_file() else sorted(truth.iterdir()))
+            if p.stem in (f"{name}_seed", f"{bare}m")
+            or (p.suffix.lower() == ".csv" and (p.stem == name or p.stem.startswith(f"{name}_")))
+        ]
+        if candidates:
+            pairs.append((name, centres, candidates[0]))
+    return pairs
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    import numpy as np
+
+    from .evaluate import match_points, pooled, read_points, read_scores, threshold_sweep
+
+    pairs = _evaluation_pairs(args.pred, args.truth)
+    if not pairs:
+        print(f"wsi-lymph evaluate: no predictions in {args.pred} match annotations in {args.truth}", file=sys.stderr)
+        return 2
+    report = {"tolerance_um": args.tolerance_um, "images": {}}
+    detections, truths, scores, tolerances = [], [], [], []
+    print(f"{'image':<28}{'TP':>5}{'FP':>5}{'FN':>5}{'precision':>11}{'recall':>8}{'F':>7}")
+    for name, centres, annotation in pairs:
+        mpp = args.mpp
+        summary = centres.parent / "summary.json"
+        if mpp is None and summary.is_file():
+            mpp = json.loads(summary.read_text())["mpp"]
+        if mpp is None:
+            print(f"wsi-lymph evaluate: {centres}: no summary.json with µm/px beside it; pass --mpp", file=sys.stderr)
+            return 2
+        try:
+            found, truth = read_points(centres), read_points(annotation)
+        except (OSError, ValueError) as error:
+            print(f"wsi-lymph evaluate: {error}", file=sys.stderr)
+            return 1
+        tolerance = args.tolerance_um / mpp
+        tolerances.append(tolerance)
+        score = match_points(found, truth, tolerance)
+        detections.append((found, read_scores(centres)))
+        truths.append(truth)
+        scores.append(score)
+        report["images"][name] = _score_dict(score) | {"annotation": str(annotation), "tolerance_px": tolerance}
+        print(f"{name:<28}{score.true_positives:>5}{score.false_positives:>5}{score.false_negatives:>5}"
+              f"{score.precision:>11.3f}{score.recall:>8.3f}{score.f_score:>7.3f}")
+    total = pooled(scores)
+    report["pooled"] = _score_dict(total)
+    print(f"{'pooled':<28}{total.true_positives:>5}{total.false_positives:>5}{total.false_negatives:>5}"
+          f"{total.precision:>11.3f}{total.recall:>8.3f}{total.f_score:>7.3f}")
+    if args.sweep:
+        if any(s is None for _, s in detections):
+            print("wsi-lymph evaluate: --sweep needs the 'probability' column of centers.csv", file=sys.stderr)
+            return 2
+        sweep = threshold_sweep(detections, truths, tolerances, np.round(np.arange(0.5, 0.99, 0.01), 2))
+        best_threshold, best = max(sweep, key=lambda item: (item[1].f_score, -item[0]))
+        report["sweep"] = [{"threshold": t, **_score_dict(s)} for t, s in sweep]
+        report["best_threshold"] = best_threshold
+        print(f"F-optimal threshold: {best_threshold:.2f} (F {best.f_score:.3f}); detections must have been made "
+              "at or below the lowest threshold swept (0.50), e.g. detect --threshold 0.5")
+    if args.json:
+        from .outputs import write_json
+
+        write_json(args.json, report)
+    return 0
+
+
+def _score_dict(score) -> dict:
+    return {
+        "true_positives": score.true_positives, "false_positives": score.false_positives,
+        "false_negatives": score.false_negatives, "precision": round(score.precision, 4),
+        "recall": round(score.recall, 4), "f_score": round(score.f_score, 4),
+    }
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .frame import choose_frame
     from .slide import SlideError, find_slides, open_slide
@@ -204,6 +288,16 @@ def build_parser() -> argparse.ArgumentParser:
         demo.add_argument(name, action="store_true", default=default)
     demo.set_defaults(func=cmd_demo, dtype="float16", chunk=512, block=None, batch_size=512, device=None, mpp=None)
     _add_cluster_options(demo)
+
+    evaluate = commands.add_parser("evaluate", help="precision, recall and F of detections against annotations")
+    evaluate.add_argument("pred", type=Path, help="a centers.csv or a detect output folder")
+    evaluate.add_argument("truth", type=Path, help="annotations: CSV of x,y, seed image or RGBA mask, or a folder")
+    evaluate.add_argument("--tolerance-um", type=float, default=3.0, help="matching distance (default: 3 µm, "
+                          "one lymphocyte radius)")
+    evaluate.add_argument("--mpp", type=float, default=None, help="µm/px when no summary.json gives it")
+    evaluate.add_argument("--sweep", action="store_true", help="report the F-optimal threshold")
+    evaluate.add_argument("--json", type=Path, default=None, help="also write the report as JSON")
+    evaluate.set_defaults(func=cmd_evaluate)
 
     info = commands.add_parser("info", help="print a slide's levels, resolution and model frame")
     info.add_argument("slides", nargs="+")

@@ -53,3 +53,73 @@ def match_points(detected: np.ndarray, annotated: np.ndarray, tolerance: float) 
     rows, cols = linear_sum_assignment(cost)
     matched = int((distance[rows, cols] <= tolerance).sum())
     return DetectionScore(matched, len(detected) - matched, len(annotated) - matched)
+
+
+#: One lymphocyte radius (the method's ~6 px at 20x, 0.5 µm/px).
+DEFAULT_TOLERANCE_UM = 3.0
+
+
+def read_points(path) -> np.ndarray:
+    """Annotated or detected centres as (n, 2) level-0 (x, y) pixels.
+
+    Accepted: a CSV with ``x`` and ``y`` columns (wsi-lymph's ``centers.csv``,
+    or any point list); a greyscale seed image (non-zero pixel = centre); the
+    paper's RGBA mask ``<N>m.tif`` (non-zero alpha = centre).
+    """
+    from pathlib import Path
+
+    path = Path(path)
+    if path.suffix.lower() == ".csv":
+        import csv
+
+        with open(path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            if not reader.fieldnames or not {"x", "y"} <= set(reader.fieldnames):
+                raise ValueError(f"{path}: a point list needs 'x' and 'y' columns, found {reader.fieldnames}")
+            return np.array([[float(row["x"]), float(row["y"])] for row in reader]).reshape(-1, 2)
+    import tifffile
+    from skimage.io import imread
+
+    image = tifffile.imread(path) if path.suffix.lower() in (".tif", ".tiff") else imread(path)
+    if image.ndim == 3 and image.shape[-1] == 4:
+        image = image[..., 3]
+    elif image.ndim != 2:
+        raise ValueError(f"{path}: expected a greyscale seed image or an RGBA mask, got shape {image.shape}")
+    rows, cols = np.nonzero(image)
+    return np.stack([cols, rows], axis=-1).astype(float)
+
+
+def read_scores(path) -> np.ndarray | None:
+    """The ``probability`` column of a centres CSV, or None if it has none."""
+    import csv
+
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        if "probability" not in (reader.fieldnames or []):
+            return None
+        return np.array([float(row["probability"]) for row in reader])
+
+
+def pooled(scores: list[DetectionScore]) -> DetectionScore:
+    """Sum of the counts of several images."""
+    return DetectionScore(
+        sum(s.true_positives for s in scores), sum(s.false_positives for s in scores),
+        sum(s.false_negatives for s in scores),
+    )
+
+
+def threshold_sweep(
+    detections: list[tuple[np.ndarray, np.ndarray]], truths: list[np.ndarray], tolerances: list[float],
+    thresholds: np.ndarray,
+) -> list[tuple[float, DetectionScore]]:
+    """Pooled scores when only detections scoring above each threshold are kept.
+
+    Exact for the paper's greedy peak picking: it takes centres in decreasing
+    order of score, so raising the threshold only cuts the tail; detections
+    must have been made at (or below) the lowest threshold swept.
+    """
+    return [
+        (float(t), pooled([match_points(xy[score > t], truth, tolerance) for (xy, score), truth, tolerance in
+                           zip(detections, truths, tolerances, strict=True)]))
+        for t in thresholds
+    ]
