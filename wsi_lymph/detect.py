@@ -29,6 +29,8 @@ from .outputs import (
 from .peaks import CLEAR_RADIUS_PX, SMOOTH_RADIUS_PX, detect_centers_blockwise
 from .probmap import ProbmapParams, SlideResult, run_probmaps
 
+PEAK_BLOCK_PX = 2048
+
 
 def detect_slide_centres(prob_store: Path, threshold: float | None = None) -> tuple[dict, dict]:
     """Centres of one stored map, found blockwise over its own chunks on the current Dask scheduler.
@@ -45,7 +47,10 @@ def detect_slide_centres(prob_store: Path, threshold: float | None = None) -> tu
     """
     array = zarr.open_array(str(prob_store), mode="r")
     attrs = dict(array.attrs)["wsi_lymph"]
-    prob = da.from_zarr(array).astype(np.float32) * np.float32(attrs["value_scale"])
+    # Peak blocks are whole groups of the map's chunks (read as they are, never rechunked), about
+    # PEAK_BLOCK_PX on a side: few enough tasks for a whole slide, small enough for a worker.
+    block = tuple(max(1, PEAK_BLOCK_PX // c) * c for c in array.chunks)
+    prob = da.from_zarr(array, chunks=block).astype(np.float32) * np.float32(attrs["value_scale"])
     threshold = attrs["model"]["threshold"] if threshold is None else threshold
     centres, scores = detect_centers_blockwise(
         prob, threshold, SMOOTH_RADIUS_PX, CLEAR_RADIUS_PX, return_scores=True

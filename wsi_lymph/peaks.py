@@ -109,7 +109,7 @@ def _disk_footprint(radius: int) -> np.ndarray:
     return offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius * radius
 
 
-def smooth_blockwise(prob, radius_px: float = SMOOTH_RADIUS_PX):
+def smooth_blockwise(prob, radius_px: float = SMOOTH_RADIUS_PX, *, skip_at_most: float | None = None):
     """:func:`smooth_probability` on a Dask array, block by block with a halo of the kernel radius.
 
     The halo holds real neighbouring pixels; only at the map border is it the
@@ -117,13 +117,24 @@ def smooth_blockwise(prob, radius_px: float = SMOOTH_RADIUS_PX):
     ``reflect``), so every output pixel is computed from the same inputs, in
     the same order, as in one global pass.  Chunks are kept, except that a last
     chunk thinner than the halo is merged into its neighbour.
+
+    ``skip_at_most``: blocks whose input (with halo) never exceeds this value
+    are returned as zeros without convolving.  The smoothed value is a
+    weighted mean, so it cannot exceed that maximum either: peak detection
+    with a threshold >= ``skip_at_most`` is unaffected, and the empty glass
+    and skipped blocks of a slide cost almost nothing.
     """
     kernel = disk_kernel(radius_px)
     half = kernel.shape[0] // 2
     prob = prob.rechunk(tuple(_merge_thin_last_chunk(axis, half) for axis in prob.chunks))
+
+    def smooth(block: np.ndarray) -> np.ndarray:
+        if skip_at_most is not None and block.max(initial=0) <= skip_at_most:
+            return np.zeros(block.shape, np.float64)
+        return ndimage.convolve(block.astype(np.float64), kernel, mode="reflect")
+
     return prob.map_overlap(
-        lambda block: ndimage.convolve(block.astype(np.float64), kernel, mode="reflect"),
-        depth=half, boundary="reflect", allow_rechunk=False, dtype=np.float64, name="peaks-smooth",
+        smooth, depth=half, boundary="reflect", allow_rechunk=False, dtype=np.float64, name="peaks-smooth",
     )
 
 
@@ -175,10 +186,10 @@ def detect_centers_blockwise(
     # A map's last chunk can be thinner than the halo; it is merged into its neighbour,
     # explicitly (every other chunk is kept; map_overlap itself may never rechunk).
     prob = prob.rechunk(tuple(_merge_thin_last_chunk(axis, reach) for axis in prob.chunks))
-    smoothed = smooth_blockwise(prob, smooth_radius_px)
+    smoothed = smooth_blockwise(prob, smooth_radius_px, skip_at_most=threshold)
     footprint = _disk_footprint(reach)
     linked = (smoothed > threshold).map_overlap(
-        lambda block: ndimage.binary_dilation(block, structure=footprint),
+        lambda block: ndimage.binary_dilation(block, structure=footprint) if block.any() else block,
         depth=reach, boundary="none", allow_rechunk=False, dtype=bool, name="peaks-link",
     )
     grid = smoothed.numblocks
