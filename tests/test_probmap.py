@@ -14,6 +14,7 @@ import tifffile
 import torch
 import zarr
 from conftest import CROPS, SLIDES, crop_centers, level0_to_frame
+from distributed.diagnostics.plugin import SchedulerPlugin
 
 from wsi_lymph.evaluate import match_points
 from wsi_lymph.models import load_checkpoint, resolve_model
@@ -136,7 +137,7 @@ def test_map_attributes_and_report(crop_maps):
     assert not [p for p in (out / "example_1").iterdir() if p.name.startswith(".")]  # no temporary left
 
 
-class _ResourceRecorder:
+class ResourceRecorder(SchedulerPlugin):
     """Scheduler plugin recording the resource restrictions of the infer tasks it sees."""
 
     name = "resource-recorder"
@@ -144,21 +145,18 @@ class _ResourceRecorder:
     def __init__(self):
         self.seen = []
 
-    def transition(self, key, start, finish, *args, **kwargs):
-        if finish == "processing" and str(key).startswith("('infer-"):
-            task = self.scheduler.tasks[key]
-            self.seen.append(dict(task.resource_restrictions or {}))
-
     async def start(self, scheduler):
         self.scheduler = scheduler
 
+    def transition(self, key, start, finish, *args, **kwargs):
+        if finish == "processing" and str(key).startswith("('infer-"):
+            self.seen.append(dict(self.scheduler.tasks[key].resource_restrictions or {}))
+
 
 def test_one_worker_other_blocks_and_storage_equal_the_2_worker_map(crop_maps, model_cache):
-    from distributed.diagnostics.plugin import SchedulerPlugin
-
     from wsi_lymph.cluster import dask_client
 
-    recorder = type("Recorder", (_ResourceRecorder, SchedulerPlugin), {})()
+    recorder = ResourceRecorder()
     with dask_client(1, dashboard_address=":0", resources={"GPU": 1}, quiet=True) as one:
         one.register_plugin(recorder)
         # Other chunking, float16 storage, exact stride.

@@ -145,14 +145,3 @@ def hematoxylin_area_mm2(hmap: np.ndarray, cell_mpp: float, threshold_od: float 
     """Area of hematoxylin-positive cells in mm²."""
     return float((hmap > threshold_od).sum() * (cell_mpp / 1000.0) ** 2)
 
-
-__all__ = [
-    "DEFAULT_MARGIN_UM",
-    "DEFAULT_MASK_MPP",
-    "DEFAULT_THRESHOLD_OD",
-    "blocks_with_hematoxylin",
-    "hematoxylin_area_mm2",
-    "hematoxylin_map",
-    "hematoxylin_od",
-    "mask_level",
-]

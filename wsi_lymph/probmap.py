@@ -51,7 +51,7 @@ from .hematoxylin import (
     hematoxylin_area_mm2,
     hematoxylin_map,
 )
-from .models import file_sha256, load_checkpoint, resolve_model
+from .models import load_checkpoint, load_model, resolve_model
 from .network import patch_grid_probabilities
 from .outputs import write_json
 from .slide import SlideError, SlideInfo, open_slide
@@ -266,16 +266,22 @@ def replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def model_description(model: str, checkpoints: Sequence[Path]) -> dict:
-    """Identity of a model for map attributes: name, member files and their sha256."""
-    metas = [load_checkpoint(path)[2] for path in checkpoints]
+def model_description(model: str, source: str | None = None) -> dict:
+    """Identity of a model for map attributes: name, member files, their sha256 and how to feed them.
+
+    Loading through :func:`wsi_lymph.models.load_model` also checks that an
+    ensemble's members agree on architecture, channel order and resolution.
+    """
+    checkpoints = resolve_model(model, source=source)
+    loaded = load_model(model, source=source)
     return {
         "name": model,
+        "model_id": loaded.meta["model_id"],
         "members": [str(path) for path in checkpoints],
-        "sha256": [file_sha256(path) for path in checkpoints],
-        "model_mpp": metas[0]["model_mpp"],
-        "source_scan_mpp": metas[0]["source_scan_mpp"],
-        "threshold": metas[0]["threshold"],
+        "sha256": loaded.meta["member_sha256"],
+        "model_mpp": loaded.model_mpp,
+        "source_scan_mpp": loaded.meta["source_scan_mpp"],
+        "threshold": loaded.threshold,
     }
 
 
@@ -388,9 +394,8 @@ def run_probmaps(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoints = resolve_model(model, source=model_source)
-    model_info = model_description(model, checkpoints)
-    checkpoint_names = tuple(str(path) for path in checkpoints)
+    model_info = model_description(model, model_source)
+    checkpoint_names = tuple(model_info["members"])
     resources = {"GPU": 1} if _cluster_has_gpus(client) else None
 
     results: list[SlideResult] = []
