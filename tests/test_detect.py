@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 from conftest import CROPS, crop_centers
 
 from wsi_lymph.evaluate import match_points
@@ -53,6 +54,10 @@ def test_detect_writes_outputs_that_read_back(client, tmp_path):
         assert summary["count"] == len(rows)
         assert summary["analysed_area_mm2"] == round(100 * 100 * 0.5**2 / 1e6, 6)
         assert summary["density_per_mm2_analysed"] == round(len(rows) / summary["analysed_area_mm2"], 3)
+        # The crops are all tissue; hematoxylin cells are a part of it.
+        assert 0.9 * summary["analysed_area_mm2"] <= summary["tissue_area_mm2"] <= summary["analysed_area_mm2"]
+        assert 0 < summary["hematoxylin_area_mm2"] <= summary["analysed_area_mm2"]
+        assert summary["density_per_mm2_tissue"] == pytest.approx(len(rows) / summary["tissue_area_mm2"], rel=1e-3)
         assert summary["model"]["name"] == FOLD and summary["threshold"] == 0.7706
 
         # The detections are where the pathologist marked lymphocytes (level-0 px, tolerance 6 px).
@@ -64,6 +69,10 @@ def test_detect_writes_outputs_that_read_back(client, tmp_path):
     f_score = 2 * tp / (2 * tp + fp + fn)
     print(f"fold 1, stride 4, three crops pooled: TP {tp} FP {fp} FN {fn} F {f_score:.3f}")
     assert f_score >= 0.8
+    # Every stage ran on the cluster under its own name (what the dashboard shows).
+    prefixes = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
+    for stage in ("read", "hematoxylin", "infer", "peaks", "write"):
+        assert any(p == stage or p.startswith(stage + "-") for p in prefixes), (stage, prefixes)
 
 
 def test_ensemble_on_the_annotated_crops_and_evaluate_cli(client, tmp_path):
@@ -130,4 +139,9 @@ def test_detect_over_the_shared_slides_folder(model_cache, tmp_path):
         for row in rows:
             assert -0.5 <= float(row["x"]) <= 300 and -0.5 <= float(row["y"]) <= 250
         assert summary["analysed_area_mm2"] == round(300 * 250 * 0.5**2 / 1e6, 6)
+        assert 0 <= summary["tissue_area_mm2"] <= summary["analysed_area_mm2"]
+    # The TCGA frozen section's top-left corner is mostly glass; CMU-1's is partly tissue.
+    tissue = {s["name"]: json.loads((out / s["name"] / "summary.json").read_text())["tissue_area_mm2"]
+              for s in batch["slides"]}
+    print("tissue mm²:", tissue)
     assert sum(json.loads((out / s["name"] / "summary.json").read_text())["count"] for s in batch["slides"]) > 0

@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 
 from wsi_lymph.peaks import (
-    CLEAR_RADIUS_PX,
     detect_centers,
     detect_centers_blockwise,
     disk_kernel,
     greedy_peaks,
-    smooth_blockwise,
+    peak_blocks,
+    read_with_halo,
     smooth_probability,
+    summarise_peak_block,
 )
 
 
@@ -73,8 +74,14 @@ def test_blockwise_equals_global_on_hard_maps(seed, chunk):
     expected = _sorted(detect_centers(prob))
     assert len(expected) >= 8
     array = da.from_array(prob, chunks=chunk)
-    np.testing.assert_array_equal(smooth_blockwise(array).compute(), smooth_probability(prob))
-    np.testing.assert_array_equal(detect_centers_blockwise(array), expected)
+    centres, scores = detect_centers_blockwise(array, return_scores=True)
+    np.testing.assert_array_equal(centres, expected)
+    # Each block smooths its core from its halo exactly as the global pass does (bit for bit).
+    np.testing.assert_array_equal(scores, smooth_probability(prob)[centres[:, 0], centres[:, 1]])
+    graph = peak_blocks(array.chunks)
+    for box in graph.boxes[:4]:
+        summary = summarise_peak_block(read_with_halo(prob, box, graph.halo_px), box, graph.halo_px)
+        np.testing.assert_array_equal(summary["values"], smooth_probability(prob)[summary["rows"], summary["cols"]])
 
 
 def test_blockwise_equals_global_with_long_chains_across_blocks():
@@ -86,11 +93,32 @@ def test_blockwise_equals_global_with_long_chains_across_blocks():
         np.testing.assert_array_equal(detect_centers_blockwise(da.from_array(prob, chunks=chunk)), expected)
 
 
-def test_blockwise_rejects_chunks_smaller_than_the_halo():
-    prob = da.zeros((100, 100), chunks=5)
-    with pytest.raises(ValueError):
-        detect_centers_blockwise(prob, clear_radius_px=CLEAR_RADIUS_PX)
+def test_blocks_thinner_than_the_halo_are_still_exact():
+    # Each block reads its own halo (mirrored at the border), so no block size is too small.
+    prob = _hard_map(0)
+    expected = _sorted(detect_centers(prob))
+    for chunk in ((15, 20), (20, 11)):  # thinner than the 21-px halo
+        np.testing.assert_array_equal(detect_centers_blockwise(da.from_array(prob, chunks=chunk)), expected)
 
 
 def test_no_candidates_gives_an_empty_result():
     assert detect_centers_blockwise(da.zeros((64, 64), chunks=32)).shape == (0, 2)
+
+
+def test_only_blocks_near_nonzero_boxes_are_computed_and_the_result_is_unchanged():
+    # P is non-zero only inside a few "classified" 48-px boxes, some on block edges and corners of a
+    # 32-px grid, with candidates up to their borders (smoothing spills 6 px into zero blocks).
+    rng = np.random.default_rng(3)
+    shape = (320, 384)
+    boxes = [(0, 48, 0, 48), (96, 144, 112, 160), (144, 192, 160, 208), (272, 320, 336, 384)]
+    prob = np.zeros(shape)
+    for r0, r1, c0, c1 in boxes:
+        prob[r0:r1, c0:c1] = rng.uniform(0.6, 1.0, (r1 - r0, c1 - c0))
+    expected = _sorted(detect_centers(prob))
+    assert len(expected) >= 6
+    array = da.from_array(prob, chunks=32)
+    graph = peak_blocks(array.chunks, nonzero_boxes=boxes)
+    assert len(graph.blocks) < array.numblocks[0] * array.numblocks[1] // 2  # glass costs nothing
+    np.testing.assert_array_equal(detect_centers_blockwise(array, nonzero_boxes=boxes), expected)
+    # The restriction is not vacuous: promising zeros where P is not loses centres.
+    assert len(detect_centers_blockwise(array, nonzero_boxes=boxes[:1])) < len(expected)

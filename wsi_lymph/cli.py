@@ -321,6 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--source-mpp", type=float, default=0.5, help="µm/px of the training scans")
     imp.add_argument("--frame-scale", type=float, default=4.0, help="upscaling applied before patches")
     imp.set_defaults(func=cmd_models_import)
+
+    from .cli_train import add_training_commands
+
+    add_training_commands(commands)
     return parser
 
 

@@ -1,15 +1,19 @@
-"""Slides -> lymphocyte centres: probability maps, blockwise peaks, per-slide outputs and a batch report."""
+"""Lymphocyte centres of a stored map, and everything written per slide (``wsi-lymph detect``).
+
+:func:`peak_graph` and :func:`centres_of_graph` are the two halves of blockwise
+peak detection on a finished ``prob.zarr`` (cluster tasks, then a cheap exact
+join on the driver); :func:`write_slide_outputs` writes a slide's files and runs
+as a ``write-*`` task.  :func:`run_detect` runs a whole batch through
+:func:`wsi_lymph.batch.run_batch`.
+"""
 
 from __future__ import annotations
 
 import os
 import platform
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from collections.abc import Sequence
 from pathlib import Path
 
-import dask.array as da
 import numpy as np
 import zarr
 from distributed import Client
@@ -26,39 +30,68 @@ from .outputs import (
     write_overlay_png,
     write_tutorial_pngs,
 )
-from .peaks import CLEAR_RADIUS_PX, SMOOTH_RADIUS_PX, detect_centers_blockwise
-from .probmap import ProbmapParams, SlideResult, run_probmaps
+from .peaks import (
+    CLEAR_RADIUS_PX,
+    SMOOTH_RADIUS_PX,
+    PeakGraph,
+    centres_from_summaries,
+    peak_blocks,
+    read_with_halo,
+    summarise_peak_block,
+)
+from .probmap import SlideResult, computed_boxes
 
 PEAK_BLOCK_PX = 2048
 
 
-def detect_slide_centres(prob_store: Path, threshold: float | None = None) -> tuple[dict, dict]:
-    """Centres of one stored map, found blockwise over its own chunks on the current Dask scheduler.
+def peak_graph(prob_store: Path, threshold: float | None = None) -> tuple[PeakGraph, dict]:
+    """The peak blocks to compute for one stored map.
 
     Radii follow the map's frame: the paper's 6 px (smoothing) and 28 px (clearing) are model-frame
-    pixels at 0.125 µm/px, and maps are stored in the model frame, so they apply unchanged.
+    pixels at 0.125 µm/px, and maps are stored in the model frame, so they apply unchanged.  Peak
+    blocks are whole groups of the map's chunks, about PEAK_BLOCK_PX on a side, and only those near
+    classified blocks are computed (see :func:`wsi_lymph.peaks.peak_blocks`).
 
     Returns
     -------
-    table : dict of np.ndarray
-        See :func:`wsi_lymph.outputs.centres_table`.
+    graph : PeakGraph
+        Blocks to compute, each with :func:`peak_block_of_store`.
     attrs : dict
-        The map's ``wsi_lymph`` attributes.
+        The map's ``wsi_lymph`` attributes, plus ``threshold_used``.
     """
     array = zarr.open_array(str(prob_store), mode="r")
     attrs = dict(array.attrs)["wsi_lymph"]
-    # Peak blocks are whole groups of the map's chunks (read as they are, never rechunked), about
-    # PEAK_BLOCK_PX on a side: few enough tasks for a whole slide, small enough for a worker.
-    block = tuple(max(1, PEAK_BLOCK_PX // c) * c for c in array.chunks)
-    prob = da.from_zarr(array, chunks=block).astype(np.float32) * np.float32(attrs["value_scale"])
-    threshold = attrs["model"]["threshold"] if threshold is None else threshold
-    centres, scores = detect_centers_blockwise(
-        prob, threshold, SMOOTH_RADIUS_PX, CLEAR_RADIUS_PX, return_scores=True
+    attrs["threshold_used"] = attrs["model"]["threshold"] if threshold is None else threshold
+    chunks = tuple(
+        _split(size, max(1, PEAK_BLOCK_PX // chunk) * chunk) for size, chunk in zip(array.shape, array.chunks,
+                                                                                    strict=True)
     )
+    graph = peak_blocks(chunks, attrs["threshold_used"], SMOOTH_RADIUS_PX, CLEAR_RADIUS_PX,
+                        nonzero_boxes=computed_boxes(attrs))
+    return graph, attrs
+
+
+def peak_block_of_store(prob_store: str, box: tuple[int, int, int, int], halo_px: int, threshold: float) -> dict:
+    """One ``peaks`` task: read a block of a stored map with its halo and summarise it.
+
+    See :func:`wsi_lymph.peaks.summarise_peak_block`; values are decoded exactly as
+    :func:`wsi_lymph.probmap.open_probmap` does (float32 times the stored scale).
+    """
+    array = zarr.open_array(prob_store, mode="r")
+    scale = np.float32(dict(array.attrs)["wsi_lymph"]["value_scale"])
+    padded = read_with_halo(array, box, halo_px).astype(np.float32) * scale
+    return summarise_peak_block(padded, box, halo_px, threshold, SMOOTH_RADIUS_PX, CLEAR_RADIUS_PX)
+
+
+def centres_of_graph(graph: PeakGraph, summaries: dict, attrs: dict) -> dict:
+    """Centre table (see :func:`wsi_lymph.outputs.centres_table`) from the computed block summaries."""
+    centres, scores = centres_from_summaries(graph, summaries, attrs["threshold_used"], CLEAR_RADIUS_PX)
     frame = ModelFrame(**{k: tuple(v) if isinstance(v, list) else v for k, v in attrs["frame"].items()})
-    table = centres_table(centres, scores, frame, attrs["origin_rc"], attrs["mpp"])
-    attrs["threshold_used"] = threshold
-    return table, attrs
+    return centres_table(centres, scores, frame, attrs["origin_rc"], attrs["mpp"])
+
+
+def _split(length: int, block: int) -> tuple[int, ...]:
+    return (block,) * (length // block) + ((length % block,) if length % block else ())
 
 
 def analysed_area_mm2(attrs: dict, shape_rc: tuple[int, int]) -> float:
@@ -67,80 +100,78 @@ def analysed_area_mm2(attrs: dict, shape_rc: tuple[int, int]) -> float:
     return float(shape_rc[0] * shape_rc[1] * (mpp / 1000.0) ** 2)
 
 
+def write_slide_outputs(slide_dir: Path, name: str, slide_path: str, attrs: dict, table: dict, result: dict,
+                        params: dict) -> tuple[int, float]:
+    """Every output of one slide: centres (CSV, Parquet, GeoJSON), pictures, then ``summary.json`` last.
+
+    ``summary.json`` is written last, so its presence means the slide is finished.
+
+    Returns
+    -------
+    (int, float)
+        Number of centres and the analysed tissue area in mm².
+    """
+    write_centres_csv(slide_dir / "centers.csv", table)
+    parquet = write_centres_parquet(slide_dir / "centers.parquet", table)
+    write_centres_geojson(slide_dir / "centers.geojson", table)
+    shape = tuple(zarr.open_array(str(slide_dir / "prob.zarr"), mode="r").shape)
+    area = analysed_area_mm2(attrs, shape)
+    tissue, hematoxylin = result["tissue_mm2"], result["hematoxylin_mm2"]
+    count = len(table["x"])
+    pictures = write_pictures(slide_dir, name, Path(slide_path), attrs, shape, table)
+    write_json(slide_dir / "summary.json", {
+        "slide": slide_path,
+        "count": count,
+        "analysed_area_mm2": round(area, 6),
+        "tissue_area_mm2": round(tissue, 6),
+        "hematoxylin_area_mm2": round(hematoxylin, 6),
+        "density_per_mm2_tissue": round(count / tissue, 3) if tissue else None,
+        "density_per_mm2_analysed": round(count / area, 3) if area else None,
+        "density_per_mm2_hematoxylin": round(count / hematoxylin, 3) if hematoxylin else None,
+        "areas": "analysed = the region classified (whole slide or --region); tissue = its non-glass part "
+                 "(mean RGB optical density > 0.05); hematoxylin = its ~2 µm cells above the hematoxylin threshold",
+        "model": attrs["model"],
+        "threshold": attrs["threshold_used"],
+        "smooth_radius_px": SMOOTH_RADIUS_PX,
+        "clear_radius_px": CLEAR_RADIUS_PX,
+        "radii_frame": "model frame, µm/px = frame.mpp",
+        "mpp": attrs["mpp"],
+        "mpp_source": attrs["mpp_source"],
+        "frame": attrs["frame"],
+        "params": params,
+        "blocks_total": result["blocks_total"],
+        "blocks_skipped": result["blocks_skipped"],
+        "blocks_resumed": result["blocks_resumed"],
+        "timings_s": result["seconds"],
+        "outputs": ["prob.zarr", "centers.csv", "centers.geojson", "summary.json"]
+        + (["centers.parquet"] if parquet else []) + pictures,
+        "versions": _versions(),
+    })
+    return count, tissue
+
+
 def run_detect(
     client: Client,
     slide_paths: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
     *,
-    model: str = "janowczyk2016",
-    mpp: float | None = None,
-    params: ProbmapParams | None = None,
     threshold: float | None = None,
-    model_source: str | None = None,
-    force: bool = False,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
+    **options,
 ) -> list[SlideResult]:
-    """Probability maps, then centres and outputs, for every slide; writes ``OUT/batch.json``.
+    """Maps, centres and outputs for every slide in one stream of tasks; writes ``OUT/batch.json``.
 
     Per slide in ``OUT/<slide-name>/``: ``prob.zarr``, ``centers.csv`` (+ ``centers.parquet``),
     ``centers.geojson``, ``summary.json``, ``overlay.png``, ``density.png``.  Failed slides keep
     their reason; the others finish.  Slides already finished are skipped unless ``force``; an
-    interrupted one resumes (see :func:`wsi_lymph.probmap.run_probmaps`).
+    interrupted one resumes.  ``options`` are those of :func:`wsi_lymph.batch.run_batch`.
     """
-    out_dir = Path(out_dir)
-    params = params or ProbmapParams()
+    import time
+
+    from .batch import PeakOptions, run_batch
+
     started = time.perf_counter()
-    results = run_probmaps(
-        client, slide_paths, out_dir, model=model, mpp=mpp, params=params, model_source=model_source,
-        force=force, progress=progress, log=log,
-    )
-    for result in results:
-        if result.status != "done":
-            continue
-        slide_dir = Path(result.output).parent
-        if result.reused and (slide_dir / "summary.json").is_file():
-            continue  # finished by an earlier run
-        t0 = time.perf_counter()
-        try:
-            table, attrs = detect_slide_centres(Path(result.output), threshold)
-        except Exception as error:  # one slide's failure must not end the batch
-            result.status, result.reason = "failed", f"{result.path}: peak detection failed: {error}"
-            log(f"{result.name}: FAILED: {result.reason}")
-            continue
-        result.seconds["peaks"] = round(time.perf_counter() - t0, 3)
-        write_centres_csv(slide_dir / "centers.csv", table)
-        parquet = write_centres_parquet(slide_dir / "centers.parquet", table)
-        write_centres_geojson(slide_dir / "centers.geojson", table)
-        shape = zarr.open_array(result.output, mode="r").shape
-        area = analysed_area_mm2(attrs, shape)
-        count = len(table["x"])
-        pictures = write_pictures(slide_dir, result.name, Path(result.path), attrs, shape, table)
-        write_json(slide_dir / "summary.json", {
-            "slide": result.path,
-            "count": count,
-            "analysed_area_mm2": round(area, 6),
-            "hematoxylin_area_mm2": round(result.hematoxylin_mm2, 6),
-            "density_per_mm2_analysed": round(count / area, 3) if area else None,
-            "density_per_mm2_hematoxylin": round(count / result.hematoxylin_mm2, 3) if result.hematoxylin_mm2 else None,
-            "model": attrs["model"],
-            "threshold": attrs["threshold_used"],
-            "smooth_radius_px": SMOOTH_RADIUS_PX,
-            "clear_radius_px": CLEAR_RADIUS_PX,
-            "radii_frame": "model frame, µm/px = frame.mpp",
-            "mpp": attrs["mpp"],
-            "mpp_source": attrs["mpp_source"],
-            "frame": attrs["frame"],
-            "params": asdict(params),
-            "blocks_total": result.blocks_total,
-            "blocks_skipped": result.blocks_skipped,
-            "timings_s": result.seconds,
-            "outputs": ["prob.zarr", "centers.csv", "centers.geojson", "summary.json"]
-            + (["centers.parquet"] if parquet else []) + pictures,
-            "versions": _versions(),
-        })
-        log(f"{result.name}: {count} lymphocytes, {count / area if area else 0:.0f} per mm² analysed")
-    write_json(out_dir / "batch.json", {
+    results = run_batch(client, slide_paths, out_dir, peaks=PeakOptions(threshold), **options)
+    write_json(Path(out_dir) / "batch.json", {
         "slides": [
             {"path": r.path, "name": r.name, "status": r.status, "reason": r.reason, "timings_s": r.seconds}
             for r in results

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from wsi_lymph.caffe import ARCH, CHECKPOINT_FORMAT, MEAN_SHAPE, import_caffe
-from wsi_lymph.network import PatchNet
+from wsi_lymph.network import DENSE_ARCH, DensePatchNet, PatchNet, channel_mean
 
 JANOWCZYK2016 = "janowczyk2016"
 FOLDS = (1, 2, 3, 4, 5)
@@ -62,6 +62,8 @@ JANOWCZYK2016_SHA256 = {name: digest for digest, name in (line.split() for line 
 # Metadata the members of one ensemble must agree on to be averaged meaningfully.
 _ENSEMBLE_INVARIANTS = ("arch", "channel_order", "input_range", "model_mpp", "class_index")
 _DOWNLOAD_TIMEOUT_S = 60.0
+#: Network class of each architecture string a checkpoint may name in ``meta["arch"]``.
+ARCHITECTURES: dict[str, type[PatchNet] | type[DensePatchNet]] = {ARCH: PatchNet, DENSE_ARCH: DensePatchNet}
 
 
 class ModelError(ValueError):
@@ -280,9 +282,10 @@ class LoadedModel:
     ----------
     name : str
         Model name (or checkpoint path) it was loaded from.
-    members : list of (PatchNet, torch.Tensor)
+    members : list of (PatchNet or DensePatchNet, torch.Tensor)
         Per ensemble member: the network in eval mode on the requested device
-        and its (3, 32, 32) float32 BGR 0-255 mean image on the CPU.
+        and its (3, 32, 32) float32 BGR 0-255 mean image on the CPU (constant
+        per channel for a DensePatchNet).  Members share one architecture.
     meta : dict
         Metadata of the first member, plus ``member_sha256`` (sha256 of each
         checkpoint file), ``member_names`` and ``model_id`` (name plus a
@@ -290,7 +293,7 @@ class LoadedModel:
     """
 
     name: str
-    members: list[tuple[PatchNet, torch.Tensor]]
+    members: list[tuple[PatchNet | DensePatchNet, torch.Tensor]]
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -304,7 +307,9 @@ class LoadedModel:
         return float(self.meta["threshold"])
 
 
-def load_checkpoint(path: str | os.PathLike[str], device: str = "cpu") -> tuple[PatchNet, torch.Tensor, dict]:
+def load_checkpoint(
+    path: str | os.PathLike[str], device: str = "cpu"
+) -> tuple[PatchNet | DensePatchNet, torch.Tensor, dict]:
     """Load one checkpoint written by :func:`wsi_lymph.caffe.import_caffe` (or training).
 
     Parameters
@@ -316,9 +321,10 @@ def load_checkpoint(path: str | os.PathLike[str], device: str = "cpu") -> tuple[
 
     Returns
     -------
-    (PatchNet, torch.Tensor, dict)
-        Network in eval mode on ``device``, (3, 32, 32) float32 mean image
-        (BGR, 0-255) on the CPU, and the metadata dict.
+    (PatchNet or DensePatchNet, torch.Tensor, dict)
+        Network in eval mode on ``device`` (the class named by
+        ``meta["arch"]``, see :data:`ARCHITECTURES`), (3, 32, 32) float32 mean
+        image (BGR, 0-255) on the CPU, and the metadata dict.
 
     Raises
     ------
@@ -340,17 +346,24 @@ def load_checkpoint(path: str | os.PathLike[str], device: str = "cpu") -> tuple[
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else None
         raise ModelError(f"{path}: checkpoint format is {found!r}, expected {CHECKPOINT_FORMAT!r}")
-    if meta.get("arch") != ARCH:
-        raise ModelError(f"{path}: network architecture is {meta.get('arch')!r}, expected {ARCH!r}")
+    arch = meta.get("arch")
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
+        known = " or ".join(repr(a) for a in ARCHITECTURES)
+        raise ModelError(f"{path}: network architecture is {arch!r}, expected {known}")
     mean = ckpt["mean_bgr"]
     if not isinstance(mean, torch.Tensor) or tuple(mean.shape) != MEAN_SHAPE:
         shape = tuple(mean.shape) if isinstance(mean, torch.Tensor) else type(mean).__name__
         raise ModelError(f"{path}: mean image has shape {shape}, expected {MEAN_SHAPE}")
-    net = PatchNet()
+    net = ARCHITECTURES[arch]()
+    if isinstance(net, DensePatchNet):
+        try:
+            channel_mean(mean)
+        except ValueError as exc:
+            raise ModelError(f"{path}: {exc}") from exc
     try:
         net.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, TypeError, AttributeError) as exc:
-        raise ModelError(f"{path}: weights do not fit the {ARCH} network: {exc}") from exc
+        raise ModelError(f"{path}: weights do not fit the {arch} network: {exc}") from exc
     net.to(device).eval()
     return net, mean.to(device="cpu", dtype=torch.float32), meta
 

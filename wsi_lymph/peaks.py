@@ -11,8 +11,12 @@ another resolution scale them by ``0.125 / map_mpp``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy import ndimage
+
+from .resample import symmetric_index
 
 SMOOTH_RADIUS_PX = 6
 CLEAR_RADIUS_PX = 28
@@ -109,41 +113,13 @@ def _disk_footprint(radius: int) -> np.ndarray:
     return offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius * radius
 
 
-def smooth_blockwise(prob, radius_px: float = SMOOTH_RADIUS_PX, *, skip_at_most: float | None = None):
-    """:func:`smooth_probability` on a Dask array, block by block with a halo of the kernel radius.
-
-    The halo holds real neighbouring pixels; only at the map border is it the
-    symmetric mirror (Dask's ``reflect`` repeats the edge pixel, like scipy's
-    ``reflect``), so every output pixel is computed from the same inputs, in
-    the same order, as in one global pass.  Chunks are kept, except that a last
-    chunk thinner than the halo is merged into its neighbour.
-
-    ``skip_at_most``: blocks whose input (with halo) never exceeds this value
-    are returned as zeros without convolving.  The smoothed value is a
-    weighted mean, so it cannot exceed that maximum either: peak detection
-    with a threshold >= ``skip_at_most`` is unaffected, and the empty glass
-    and skipped blocks of a slide cost almost nothing.
-    """
-    kernel = disk_kernel(radius_px)
-    half = kernel.shape[0] // 2
-    prob = prob.rechunk(tuple(_merge_thin_last_chunk(axis, half) for axis in prob.chunks))
-
-    def smooth(block: np.ndarray) -> np.ndarray:
-        if skip_at_most is not None and block.max(initial=0) <= skip_at_most:
-            return np.zeros(block.shape, np.float64)
-        return ndimage.convolve(block.astype(np.float64), kernel, mode="reflect")
-
-    return prob.map_overlap(
-        smooth, depth=half, boundary="reflect", allow_rechunk=False, dtype=np.float64, name="peaks-smooth",
-    )
-
-
 def detect_centers_blockwise(
     prob,
     threshold: float = PAPER_THRESHOLD,
     smooth_radius_px: float = SMOOTH_RADIUS_PX,
     clear_radius_px: float = CLEAR_RADIUS_PX,
     *,
+    nonzero_boxes: list[tuple[int, int, int, int]] | None = None,
     return_scores: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """The paper's peak procedure on a chunked map, with exactly the result of :func:`detect_centers`.
@@ -157,19 +133,26 @@ def detect_centers_blockwise(
     into *components* of linked candidates; the sequential greedy solves each
     component exactly on its own, and their union is the global answer.
 
-    Components are found blockwise: candidates are dilated by a disk of radius
-    ``ceil(R / 2) + 1`` (two candidates closer than R then always overlap;
-    joining a few more than necessary is harmless), each block labels its
-    dilated mask, and labels touching across block borders (8-connectivity)
-    are joined by union-find.  Ties are broken in row-major order of global
-    coordinates, as in the global pass.
+    Components are found blockwise (:func:`summarise_peak_block`): each block
+    reads its core plus a halo of the smoothing radius plus ``ceil(R / 2) + 1``,
+    smooths it, dilates its candidates by a disk of radius ``ceil(R / 2) + 1``
+    (two candidates closer than R then always overlap; joining a few more than
+    necessary is harmless) and labels the dilated mask of its core; labels
+    touching across block borders (8-connectivity) are joined by union-find,
+    which gives the connected components of the whole dilated mask for any
+    block size.  A centre belongs to the block whose core holds it.  Ties are
+    broken in row-major order of global coordinates, as in the global pass.
 
     Parameters
     ----------
     prob : dask.array.Array
-        (rows, cols) map of P; chunks must be at least ``ceil(R / 2) + 1`` px
-        wide (a thinner last chunk is merged into its neighbour).
-
+        (rows, cols) map of P; its chunks are the peak blocks.
+    threshold, smooth_radius_px, clear_radius_px : float
+        The paper's threshold on smoothed P and its radii, in pixels of the map.
+    nonzero_boxes : list of (r0, r1, c0, c1), optional
+        Pixel boxes of ``prob`` outside which P is 0 (e.g. the blocks that were
+        classified); only the blocks that can then hold candidates, and their
+        neighbours, are computed.  See :func:`peak_blocks`.
     return_scores : bool
         Also return the smoothed P at each centre.
 
@@ -182,27 +165,159 @@ def detect_centers_blockwise(
     """
     import dask
 
-    reach = int(np.ceil(clear_radius_px / 2)) + 1
-    # A map's last chunk can be thinner than the halo; it is merged into its neighbour,
-    # explicitly (every other chunk is kept; map_overlap itself may never rechunk).
-    prob = prob.rechunk(tuple(_merge_thin_last_chunk(axis, reach) for axis in prob.chunks))
-    smoothed = smooth_blockwise(prob, smooth_radius_px, skip_at_most=threshold)
-    footprint = _disk_footprint(reach)
-    linked = (smoothed > threshold).map_overlap(
-        lambda block: ndimage.binary_dilation(block, structure=footprint) if block.any() else block,
-        depth=reach, boundary="none", allow_rechunk=False, dtype=bool, name="peaks-link",
-    )
-    grid = smoothed.numblocks
-    offsets = _block_offsets(smoothed.chunks)
-    summaries = dask.compute(*[
-        dask.delayed(_summarise_block)(s, lnk, offset, threshold)
-        for s, lnk, offset in zip(smoothed.to_delayed().ravel(), linked.to_delayed().ravel(), offsets, strict=True)
-    ])
-    component = _join_components(summaries, grid)
-    rows = np.concatenate([b["rows"] for b in summaries])
-    cols = np.concatenate([b["cols"] for b in summaries])
-    values = np.concatenate([b["values"] for b in summaries])
-    owner = np.concatenate([component[i][b["labels"]] for i, b in enumerate(summaries)])
+    graph = peak_blocks(prob.chunks, threshold, smooth_radius_px, clear_radius_px, nonzero_boxes=nonzero_boxes)
+    tasks = [
+        dask.delayed(summarise_peak_block)(
+            read_with_halo(prob, box, graph.halo_px), box, graph.halo_px, threshold, smooth_radius_px,
+            clear_radius_px,
+        )
+        for box in graph.boxes
+    ]
+    summaries = dict(zip(graph.blocks, dask.compute(*tasks), strict=True))
+    centres, scores = centres_from_summaries(graph, summaries, threshold, clear_radius_px)
+    return (centres, scores) if return_scores else centres
+
+
+@dataclass(frozen=True)
+class PeakGraph:
+    """The peak blocks of one map that must be computed.
+
+    Attributes
+    ----------
+    blocks : list of (int, int)
+        Block (row, col) index of each block to compute.
+    boxes : list of (r0, r1, c0, c1)
+        Its core in map pixels.
+    chunks : tuple of tuple of int
+        Block sizes along rows and columns (every block, computed or not).
+    halo_px : int
+        Halo each block reads around its core: smoothing radius + linking reach.
+    """
+
+    blocks: list[tuple[int, int]]
+    boxes: list[tuple[int, int, int, int]]
+    chunks: tuple[tuple[int, ...], tuple[int, ...]]
+    halo_px: int
+
+
+def linking_reach_px(clear_radius_px: float) -> int:
+    """Dilation radius that makes candidates closer than the clearing radius touch."""
+    return int(np.ceil(clear_radius_px / 2)) + 1
+
+
+def peak_blocks(
+    chunks: tuple[tuple[int, ...], tuple[int, ...]],
+    threshold: float = PAPER_THRESHOLD,
+    smooth_radius_px: float = SMOOTH_RADIUS_PX,
+    clear_radius_px: float = CLEAR_RADIUS_PX,
+    *,
+    nonzero_boxes: list[tuple[int, int, int, int]] | None = None,
+) -> PeakGraph:
+    """Which peak blocks to compute, with their cores and halo.
+
+    With ``nonzero_boxes`` (P is 0 outside them) a candidate can only lie
+    within the smoothing radius of a box, since the smoothed value is a
+    weighted mean of P.  The dilated mask reaches :func:`linking_reach_px`
+    beyond a candidate, so a block that is neither near a box nor within that
+    reach of a block near one has no candidates and an empty mask: leaving it
+    out changes nothing.  This keeps the cost of glass-dominated slides
+    proportional to their tissue.
+    """
+    smooth_half = int(np.ceil(smooth_radius_px))
+    reach = linking_reach_px(clear_radius_px)
+    grid = (len(chunks[0]), len(chunks[1]))
+    if nonzero_boxes is None or threshold < 0:
+        computed = np.ones(grid, dtype=bool)
+    else:
+        candidates = _blocks_near_boxes(chunks, nonzero_boxes, smooth_half)
+        # Dilated masks reach `reach` px beyond a candidate: into blocks that are `reach` px away.
+        computed = candidates | _blocks_near_boxes(chunks, _grid_boxes(chunks, candidates), reach)
+    row_edges, col_edges = (np.cumsum((0,) + tuple(axis)) for axis in chunks)
+    blocks = [(int(i), int(j)) for i, j in np.argwhere(computed)]
+    boxes = [(int(row_edges[i]), int(row_edges[i + 1]), int(col_edges[j]), int(col_edges[j + 1])) for i, j in blocks]
+    return PeakGraph(blocks, boxes, (tuple(chunks[0]), tuple(chunks[1])), smooth_half + reach)
+
+
+def read_with_halo(array, box: tuple[int, int, int, int], halo_px: int):
+    """``array[r0-h : r1+h, c0-h : c1+h]`` with the map border mirrored symmetrically (edge pixel repeated).
+
+    Works on anything sliceable (NumPy, Zarr, Dask): one rectangular read of
+    the pixels needed, then the mirrored rows and columns are gathered from it.
+    """
+    r0, r1, c0, c1 = box
+    rows = symmetric_index(np.arange(r0 - halo_px, r1 + halo_px), array.shape[0])
+    cols = symmetric_index(np.arange(c0 - halo_px, c1 + halo_px), array.shape[1])
+    window = array[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    # Away from the border the read is the answer; at the border, gather the mirrored lines.
+    if not (np.diff(rows) == 1).all():
+        window = window[rows - rows.min()]
+    if not (np.diff(cols) == 1).all():
+        window = window[:, cols - cols.min()]
+    return window
+
+
+def summarise_peak_block(
+    padded: np.ndarray,
+    box: tuple[int, int, int, int],
+    halo_px: int,
+    threshold: float = PAPER_THRESHOLD,
+    smooth_radius_px: float = SMOOTH_RADIUS_PX,
+    clear_radius_px: float = CLEAR_RADIUS_PX,
+) -> dict:
+    """One peak block: candidates of its core with component labels, and the labels on its border.
+
+    Parameters
+    ----------
+    padded : np.ndarray
+        P of the block's core plus ``halo_px`` on every side (mirrored at the map border),
+        as :func:`read_with_halo` gives it.
+    box : (r0, r1, c0, c1)
+        The core in map pixels.
+    halo_px : int
+        Smoothing radius (ceil) plus :func:`linking_reach_px`.
+    """
+    kernel = disk_kernel(smooth_radius_px)
+    smooth_half = kernel.shape[0] // 2
+    reach = halo_px - smooth_half
+    r0, r1, c0, c1 = box
+    padded = np.asarray(padded)
+    # The smoothed value is a weighted mean: nothing in core or reach can pass the threshold.
+    if padded.size == 0 or padded.max() <= threshold:
+        return _empty_summary(r1 - r0, c1 - c0)
+    # Exact wherever the whole kernel lies inside `padded`: the core plus `reach` around it.
+    smoothed = ndimage.convolve(padded.astype(np.float64), kernel, mode="reflect")[
+        smooth_half:-smooth_half, smooth_half:-smooth_half
+    ]
+    candidates = smoothed > threshold
+    linked = ndimage.binary_dilation(candidates, structure=_disk_footprint(reach))[reach:-reach, reach:-reach]
+    core = smoothed[reach:-reach, reach:-reach]
+    labels, count = ndimage.label(linked, structure=np.ones((3, 3), dtype=bool))
+    rows, cols = np.nonzero(core > threshold)
+    return {
+        "rows": rows + r0, "cols": cols + c0, "values": core[rows, cols],
+        "labels": labels[rows, cols], "count": count,
+        "top": labels[0].copy(), "bottom": labels[-1].copy(),
+        "left": labels[:, 0].copy(), "right": labels[:, -1].copy(),
+    }
+
+
+def centres_from_summaries(
+    graph: PeakGraph, summaries: dict[tuple[int, int], dict], threshold: float, clear_radius_px: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Join the block summaries into components and solve each exactly (see :func:`detect_centers_blockwise`).
+
+    Returns (n, 2) int64 (row, col) centres in row-major order and their (n,) smoothed P.
+    """
+    heights, widths = graph.chunks
+    grid = (len(heights), len(widths))
+    ordered = [
+        summaries.get((i, j)) or _empty_summary(heights[i], widths[j]) for i, j in np.ndindex(grid)
+    ]
+    component = _join_components(ordered, grid)
+    rows = np.concatenate([b["rows"] for b in ordered])
+    cols = np.concatenate([b["cols"] for b in ordered])
+    values = np.concatenate([b["values"] for b in ordered])
+    owner = np.concatenate([component[i][b["labels"]] for i, b in enumerate(ordered)])
     centres, scores = [], []
     order = np.argsort(owner, kind="stable")
     for members in np.split(order, np.flatnonzero(np.diff(owner[order])) + 1):
@@ -219,30 +334,35 @@ def detect_centers_blockwise(
     result = np.concatenate(centres) if centres else np.zeros((0, 2), dtype=np.int64)
     result_scores = np.concatenate(scores) if scores else np.zeros(0)
     order = np.lexsort((result[:, 1], result[:, 0]))
-    return (result[order], result_scores[order]) if return_scores else result[order]
+    return result[order], result_scores[order]
 
 
-def _merge_thin_last_chunk(sizes: tuple[int, ...], depth: int) -> tuple[int, ...]:
-    if len(sizes) > 1 and sizes[-1] < depth:
-        return (*sizes[:-2], sizes[-2] + sizes[-1])
-    return sizes
+def _grid_boxes(chunks, selected: np.ndarray) -> list[tuple[int, int, int, int]]:
+    row_edges, col_edges = (np.cumsum((0,) + tuple(axis)) for axis in chunks)
+    return [(row_edges[i], row_edges[i + 1], col_edges[j], col_edges[j + 1]) for i, j in np.argwhere(selected)]
 
 
-def _block_offsets(chunks) -> list[tuple[int, int]]:
-    row_starts = np.cumsum((0,) + chunks[0][:-1])
-    col_starts = np.cumsum((0,) + chunks[1][:-1])
-    return [(int(r), int(c)) for r in row_starts for c in col_starts]
+def _blocks_near_boxes(chunks, boxes: list[tuple[int, int, int, int]], margin_px: int) -> np.ndarray:
+    """Bool grid over the blocks of ``chunks``: True where a block lies within ``margin_px`` of a box."""
+    row_edges, col_edges = (np.cumsum((0,) + tuple(axis)) for axis in chunks)
+    near = np.zeros((len(chunks[0]), len(chunks[1])), dtype=bool)
+    for r0, r1, c0, c1 in boxes:
+        # Blocks whose pixel range [start, stop) meets the box grown by margin_px.
+        top = max(np.searchsorted(row_edges, r0 - margin_px, side="right") - 1, 0)
+        bottom = np.searchsorted(row_edges, r1 + margin_px, side="left")
+        left = max(np.searchsorted(col_edges, c0 - margin_px, side="right") - 1, 0)
+        right = np.searchsorted(col_edges, c1 + margin_px, side="left")
+        near[top:bottom, left:right] = True
+    return near
 
 
-def _summarise_block(smoothed: np.ndarray, linked: np.ndarray, offset: tuple[int, int], threshold: float) -> dict:
-    """Candidates of one block with their local component labels, and the labels on the block's border."""
-    labels, count = ndimage.label(linked, structure=np.ones((3, 3), dtype=bool))
-    rows, cols = np.nonzero(smoothed > threshold)
+def _empty_summary(height: int, width: int) -> dict:
+    """Summary of a block without candidates or dilated mask."""
+    none = np.zeros(0, dtype=np.int64)
     return {
-        "rows": rows + offset[0], "cols": cols + offset[1], "values": smoothed[rows, cols],
-        "labels": labels[rows, cols], "count": count,
-        "top": labels[0].copy(), "bottom": labels[-1].copy(),
-        "left": labels[:, 0].copy(), "right": labels[:, -1].copy(),
+        "rows": none, "cols": none, "values": np.zeros(0), "labels": none, "count": 0,
+        "top": np.zeros(width, np.int32), "bottom": np.zeros(width, np.int32),
+        "left": np.zeros(height, np.int32), "right": np.zeros(height, np.int32),
     }
 
 

@@ -1,19 +1,14 @@
-"""Slides -> chunked Zarr maps of P(lymphocyte center), computed on a Dask cluster.
+"""Slides -> chunked Zarr maps of P(lymphocyte center): the work of one block, and the map's store.
 
-For each slide the work is a graph of three stages, named as the dashboard shows them:
-
-``read-*`` / ``hematoxylin-*``
-    a low-resolution hematoxylin map (:mod:`wsi_lymph.hematoxylin`) decides
-    which blocks can hold lymphocytes;
-``infer``
-    one task per block of the model frame: read the block plus the halo its
-    patches need, resample it to the model frame, classify the 32x32 patch
-    around every ``stride_px``-th pixel exactly as the paper did, interpolate
-    the pixels in between, and write the block's whole Zarr chunks.
-
-Blocks are aligned to chunks, so no two tasks ever write the same chunk.  The
-map is written to a temporary store and renamed into place when every block
-has finished, so a map on disk is always complete.
+The probability of a lymphocyte centre at every model-frame pixel comes from
+one ``infer`` task per block of the model frame: read the block plus the halo
+its patches need, resample it to the model frame, classify the 32x32 patch
+around every ``stride_px``-th pixel exactly as the paper did, interpolate the
+pixels in between, and write the block's whole Zarr chunks.  Blocks are
+aligned to chunks, so no two tasks ever write the same chunk.  The map is
+written to a temporary store and renamed into place when every block has
+finished, so a map on disk is always complete.  :mod:`wsi_lymph.batch` runs
+these tasks for a batch of slides.
 """
 
 from __future__ import annotations
@@ -30,13 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
-from distributed import Client, as_completed
+from distributed import Client
 
 from . import __version__
 from .frame import (
     ModelFrame,
-    block_boxes,
-    choose_frame,
     interpolate_grid,
     patch_rows,
     read_frame_window,
@@ -46,15 +39,11 @@ from .hematoxylin import (
     DEFAULT_MARGIN_UM,
     DEFAULT_MASK_MPP,
     DEFAULT_THRESHOLD_OD,
-    blocks_with_hematoxylin,
-    cells_of_box,
-    hematoxylin_area_mm2,
-    hematoxylin_map,
 )
 from .models import load_checkpoint, load_model, resolve_model
-from .network import patch_grid_probabilities
-from .outputs import write_json
-from .slide import SlideError, SlideInfo, open_slide
+from .network import DensePatchNet, dense_probabilities, patch_grid_probabilities
+from .resample import resize_window, resized_length, symmetric_index
+from .slide import SlideInfo
 
 STORE_DTYPES = {"float32": 1.0, "float16": 1.0, "uint8": 1.0 / 255.0}
 
@@ -127,7 +116,8 @@ class SlideResult:
     blocks_total: int = 0
     blocks_skipped: int = 0
     patches: int = 0
-    hematoxylin_mm2: float = 0.0
+    hematoxylin_mm2: float = 0.0  # analysed area with hematoxylin (cells above the threshold)
+    tissue_mm2: float = 0.0  # analysed area that is tissue rather than glass
     seconds: dict = field(default_factory=dict)
     blocks_resumed: int = 0  # finished before an interruption, not recomputed
     reused: bool = False  # the map was already complete in the output folder
@@ -169,24 +159,31 @@ def frame_region(frame: ModelFrame, region_level0: tuple[int, int, int, int] | N
     return box
 
 
-def block_probabilities(
-    info: SlideInfo,
-    frame: ModelFrame,
+def window_probabilities(
+    read_window: Callable[[np.ndarray, np.ndarray], np.ndarray],
     box: tuple[int, int, int, int],
-    checkpoints: Sequence[str],
-    params: ProbmapParams,
+    members: list,
+    *,
+    stride_px: int = 1,
+    mirror: bool = False,
+    batch_size: int = 512,
+    device: str = "cpu",
 ) -> tuple[np.ndarray, int]:
     """P(lymphocyte center) for one model-frame box, exactly as the patch classifier gives it.
 
     Parameters
     ----------
-    info, frame
-        Slide and its model frame.
+    read_window : callable
+        ``read_window(rows, cols)`` -> (len(rows), len(cols), 3) float32 BGR 0-255
+        model-frame pixels; indices outside the frame are mirrored.
     box : (r0, r1, c0, c1)
         Model-frame rows ``r0:r1`` and columns ``c0:c1`` (global coordinates).
-    checkpoints : sequence of str
-        Checkpoint files of the model's members (their probabilities are averaged).
-    params : ProbmapParams
+    members : list of (network, mean image)
+        The model's members (probabilities are averaged).  Dense-exact
+        networks (:class:`~wsi_lymph.network.DensePatchNet`) are evaluated
+        fully convolutionally at every pixel, so ``stride_px`` does not apply.
+    stride_px, mirror, batch_size, device
+        See :class:`ProbmapParams`.
 
     Returns
     -------
@@ -196,24 +193,79 @@ def block_probabilities(
         Patches classified (per member).
     """
     r0, r1, c0, c1 = box
+    if all(isinstance(net, DensePatchNet) for net, _ in members):
+        window = read_window(patch_rows(np.arange(r0, r1)), patch_rows(np.arange(c0, c1)))
+        prob = dense_probabilities(members, window, mirror=mirror, device=device)
+        return prob, prob.size
+    grid_r = stride_grid(r0, r1, stride_px)
+    grid_c = stride_grid(c0, c1, stride_px)
+    # The halo: 16 px before and 15 px after the first/last classified pixel.
+    window = read_window(patch_rows(grid_r), patch_rows(grid_c))
+    grid_prob = patch_grid_probabilities(
+        members, window, stride_px=stride_px, mirror=mirror, batch_size=batch_size, device=device
+    )
+    if stride_px == 1:
+        return grid_prob, grid_prob.size
+    return interpolate_grid(grid_prob, (grid_r, grid_c), box), grid_prob.size
+
+
+def block_probabilities(
+    info: SlideInfo,
+    frame: ModelFrame,
+    box: tuple[int, int, int, int],
+    checkpoints: Sequence[str],
+    params: ProbmapParams,
+) -> tuple[np.ndarray, int]:
+    """:func:`window_probabilities` of one box of a slide's model frame, with a model given by its files."""
     device = _auto_device(params.device)
     if params.torch_threads:
         torch.set_num_threads(params.torch_threads)
-    grid_r = stride_grid(r0, r1, params.stride_px)
-    grid_c = stride_grid(c0, c1, params.stride_px)
-    # The halo: 16 px before and 15 px after the first/last classified pixel.
-    window = read_frame_window(info, frame, patch_rows(grid_r), patch_rows(grid_c))
-    grid_prob = patch_grid_probabilities(
-        _members(tuple(map(str, checkpoints)), device),
-        window,
-        stride_px=params.stride_px,
-        mirror=params.mirror,
-        batch_size=params.batch_size,
-        device=device,
+    return window_probabilities(
+        functools.partial(read_frame_window, info, frame), box, _members(tuple(map(str, checkpoints)), device),
+        stride_px=params.stride_px, mirror=params.mirror, batch_size=params.batch_size, device=device,
     )
-    if params.stride_px == 1:
-        return grid_prob, grid_prob.size
-    return interpolate_grid(grid_prob, (grid_r, grid_c), box), grid_prob.size
+
+
+def image_probabilities(
+    rgb: np.ndarray,
+    members: list,
+    *,
+    scale: float = 4.0,
+    stride_px: int = 1,
+    mirror: bool = False,
+    batch_size: int = 512,
+    device: str = "cpu",
+) -> np.ndarray:
+    """P(lymphocyte center) at every pixel of an in-memory image resized to the model frame.
+
+    The same computation as a slide's map (:func:`window_probabilities`): MATLAB-style
+    bicubic resize by ``scale`` (4 for a 20x image), symmetric mirroring at the border.
+
+    Parameters
+    ----------
+    rgb : np.ndarray
+        (rows, cols, 3) uint8 image at its scan resolution.
+    members : list of (network, mean image)
+        Networks in eval mode on ``device``.
+    scale : float
+        Model-frame pixels per image pixel.
+
+    Returns
+    -------
+    np.ndarray
+        (ceil(rows * scale), ceil(cols * scale)) float32 map; model-frame pixel (r, c)
+        is image position ((r + 0.5) / scale - 0.5, (c + 0.5) / scale - 0.5).
+    """
+    shape = (resized_length(rgb.shape[0], scale), resized_length(rgb.shape[1], scale))
+
+    def read_window(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        rows, cols = symmetric_index(rows, shape[0]), symmetric_index(cols, shape[1])
+        window = resize_window(rgb, (0, 0), rgb.shape[:2], rows, cols, scale)
+        return np.ascontiguousarray(window[..., ::-1])  # RGB -> BGR, as the network expects
+
+    prob, _ = window_probabilities(read_window, (0, shape[0], 0, shape[1]), members, stride_px=stride_px,
+                                   mirror=mirror, batch_size=batch_size, device=device)
+    return prob
 
 
 def encode(prob: np.ndarray, dtype: str) -> np.ndarray:
@@ -285,7 +337,7 @@ def model_description(model: str, source: str | None = None) -> dict:
     }
 
 
-def _map_attributes(info: SlideInfo, frame: ModelFrame, origin_rc, model: dict, params: ProbmapParams) -> dict:
+def map_attributes(info: SlideInfo, frame: ModelFrame, origin_rc, model: dict, params: ProbmapParams) -> dict:
     return {
         "wsi_lymph": {
             "version": __version__,
@@ -306,248 +358,51 @@ def _map_attributes(info: SlideInfo, frame: ModelFrame, origin_rc, model: dict, 
     }
 
 
-@dataclass
-class _SlideJob:
-    result: SlideResult
-    info: SlideInfo
-    frame: ModelFrame
-    origin_rc: tuple[int, int]
-    boxes: list
-    tmp_store: Path
-    final_store: Path
-    run_id: str
-    started: float
-    pending: int = 0
-    failed: bool = False
-    infer_seconds: float = 0.0
-    mask_window: tuple = ((0, 0), (0, 0))  # (origin cell, whole-slide cell grid shape)
-    manifest: object = None  # open append-only file of finished blocks
-
-    @property
-    def manifest_path(self) -> Path:
-        return self.tmp_store.with_name(self.tmp_store.name + ".blocks")
-
-    def finished_blocks(self) -> set[tuple[int, int]]:
-        """Blocks recorded as written by an earlier, interrupted run with the same settings."""
-        try:
-            array = zarr.open_array(str(self.tmp_store), mode="r")
-            same_run = dict(array.attrs)["wsi_lymph"].get("run_id") == self.run_id
-            lines = self.manifest_path.read_text().splitlines() if same_run else []
-        except (FileNotFoundError, KeyError, ValueError, zarr.errors.BaseZarrError):
-            return set()
-        # A line is only complete once its newline is written; a torn last line is ignored.
-        return {tuple(map(int, line.split())) for line in lines if len(line.split()) == 2}
-
-    def record(self, box: tuple[int, int, int, int]) -> None:
-        self.manifest.write(f"{box[0]} {box[2]}\n")
-        self.manifest.flush()
-        os.fsync(self.manifest.fileno())
-
-
-def run_probmaps(
-    client: Client,
-    slide_paths: Sequence[str | os.PathLike],
-    out_dir: str | os.PathLike,
-    *,
-    model: str = "janowczyk2016",
-    mpp: float | None = None,
-    params: ProbmapParams = ProbmapParams(),
-    model_source: str | None = None,
-    force: bool = False,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-) -> list[SlideResult]:
-    """Compute ``OUT/<slide-name>/prob.zarr`` for every slide, all slides in one Dask graph.
-
-    A slide that cannot be opened or fails during computation is reported in
-    its :class:`SlideResult` (``status="failed"``, ``reason``); the others go on.
-
-    Resuming: a slide whose map is complete is not recomputed (unless
-    ``force``).  While a map is computed, every block that has been written is
-    appended to a manifest beside the partial store; a run interrupted at any
-    point (even by SIGKILL) and started again with the same settings
-    recomputes only the blocks missing from the manifest.
-
-    Parameters
-    ----------
-    client : distributed.Client
-        Cluster to run on.
-    slide_paths : sequence of path-like
-        Slide files (expand folders with :func:`wsi_lymph.slide.find_slides`).
-    out_dir : path-like
-        Output folder; one sub-folder per slide.
-    model : str
-        Model name (``janowczyk2016``, ``janowczyk2016/fold3``) or checkpoint path.
-    mpp : float, optional
-        Level-0 µm/px for every slide, overriding the files.
-    params : ProbmapParams
-    model_source : str, optional
-        Where to fetch the paper's models from if they are not cached.
-    force : bool
-        Recompute maps that are already complete, and ignore partial ones.
-    progress : bool
-        Show a progress bar (stderr).
-    log : callable
-        Receives one line per finished or failed slide.
-    """
-    from tqdm import tqdm
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model_info = model_description(model, model_source)
-    checkpoint_names = tuple(model_info["members"])
-    resources = {"GPU": 1} if _cluster_has_gpus(client) else None
-
-    results: list[SlideResult] = []
-    jobs: dict[str, _SlideJob] = {}
-    mask_futures = {}
-    names_taken: set[str] = set()
-    for path in slide_paths:
-        name = _unique(output_name(path), names_taken)
-        result = SlideResult(path=str(path), name=name)
-        results.append(result)
-        try:
-            info = open_slide(path, mpp=mpp)
-            frame = choose_frame(info, model_info["model_mpp"], model_info["source_scan_mpp"])
-            r0, r1, c0, c1 = frame_region(frame, params.region_level0)
-        except (SlideError, ValueError) as error:
-            _fail(result, str(error), log)
-            continue
-        boxes = [(a + r0, b + r0, c + c0, d + c0) for a, b, c, d in block_boxes((r1 - r0, c1 - c0), params.block_px)]
-        slide_dir = out_dir / name
-        if not force and _reuse_finished(result, slide_dir, log):
-            continue
-        slide_dir.mkdir(parents=True, exist_ok=True)
-        job = _SlideJob(
-            result, info, frame, (r0, c0), boxes,
-            tmp_store=slide_dir / ".prob.zarr.partial",
-            final_store=slide_dir / "prob.zarr",
-            run_id=_run_id(info, frame, (r0, r1, c0, c1), model_info, params),
-            started=time.perf_counter(),
-        )
-        result.blocks_total = len(boxes)
-        jobs[name] = job
-        try:
-            hmap, cell_mpp = hematoxylin_map(info, params.mask_mpp)
-        except SlideError as error:
-            _fail(result, str(error), log)
-            del jobs[name]
-            continue
-        # Only the cells around the analysed region are read and deconvolved.
-        top, bottom, left, right = cells_of_box((r0, r1, c0, c1), frame, cell_mpp, hmap.shape, params.margin_um)
-        job.mask_window = ((top, left), hmap.shape)
-        mask_futures[client.compute(hmap[top:bottom, left:right])] = (name, cell_mpp)
-
-    bar = tqdm(total=0, unit="block", desc="probmap", disable=not progress, dynamic_ncols=True)
-    block_futures = as_completed()
-    for future in as_completed(list(mask_futures)):
-        name, cell_mpp = mask_futures[future]
-        job = jobs[name]
-        try:
-            hmap = future.result()
-        except Exception as error:  # a worker-side read error of this slide only
-            _fail(job.result, f"{job.info.path}: reading for the hematoxylin mask failed: {error}", log)
-            continue
-        job.result.hematoxylin_mm2 = hematoxylin_area_mm2(hmap, cell_mpp, params.hematoxylin_threshold_od)
-        if params.skip_hematoxylin:
-            origin_cells, slide_cells = job.mask_window
-            keep = blocks_with_hematoxylin(
-                hmap, cell_mpp, job.frame, job.boxes, params.hematoxylin_threshold_od, params.margin_um,
-                origin_cells=origin_cells, slide_cells=slide_cells,
-            )
-        else:
-            keep = np.ones(len(job.boxes), dtype=bool)
-        job.result.blocks_skipped = int((~keep).sum())
-        job.result.seconds["hematoxylin"] = round(time.perf_counter() - job.started, 3)
-        (r0, c0), frame = job.origin_rc, job.frame
-        finished = set() if force else job.finished_blocks()
-        if not finished:
-            job.manifest_path.unlink(missing_ok=True)
-            attributes = _map_attributes(job.info, frame, job.origin_rc, model_info, params)
-            attributes["wsi_lymph"]["run_id"] = job.run_id
-            zarr.create_array(
-                store=str(job.tmp_store),
-                shape=(job.boxes[-1][1] - r0, job.boxes[-1][3] - c0),
-                chunks=(params.chunk_px, params.chunk_px),
-                dtype=params.dtype,
-                fill_value=0,
-                attributes=attributes,
-                overwrite=True,
-            )
-        job.manifest = open(job.manifest_path, "a")  # noqa: SIM115 (closed when the slide ends)
-        kept = [box for box, flag in zip(job.boxes, keep, strict=True) if flag and (box[0], box[2]) not in finished]
-        job.result.blocks_resumed = int(keep.sum()) - len(kept)
-        job.pending = len(kept)
-        bar.total += len(kept)
-        bar.refresh()
-        for box in kept:
-            key = (f"infer-{name}", box[0], box[2])
-            block_futures.add(
-                client.submit(
-                    infer_block, job.info, frame, box, job.origin_rc, checkpoint_names, params,
-                    str(job.tmp_store), key=key, resources=resources, pure=False,
-                )
-            )
-        if not kept:
-            _finish(job, log)
-
-    for future in block_futures:
-        name = future.key[0].removeprefix("infer-")
-        job = jobs[name]
-        bar.update(1)
-        if job.failed:
-            continue
-        try:
-            stats = future.result()
-        except Exception as error:
-            job.failed = True
-            _fail(job.result, f"{job.info.path}: block {future.key[1:]} failed: {type(error).__name__}: {error}", log)
-            job.manifest.close()  # the partial map and its manifest stay for a later resume
-            continue
-        job.record((future.key[1], 0, future.key[2], 0))
-        job.result.patches += stats["patches"]
-        job.infer_seconds += stats["seconds"]
-        job.pending -= 1
-        if job.pending == 0:
-            _finish(job, log)
-    bar.close()
-    return results
-
-
-def _finish(job: _SlideJob, log: Callable[[str], None]) -> None:
-    result = job.result
-    result.seconds["infer_task_sum"] = round(job.infer_seconds, 3)
-    result.seconds["wall"] = round(time.perf_counter() - job.started, 3)
-    if job.manifest is not None:
-        job.manifest.close()
-    replace_dir(job.tmp_store, job.final_store)
-    job.manifest_path.unlink(missing_ok=True)
-    result.status, result.output = "done", str(job.final_store)
-    summary = asdict(result) | {"skipped_fraction": result.skipped_fraction}
-    write_json(job.final_store.parent / "probmap.json", summary)
-    log(
-        f"{result.name}: done, {result.blocks_total} blocks, {result.skipped_fraction:.1%} skipped "
-        f"(no hematoxylin), {result.patches} patches, {result.seconds['wall']:.1f} s -> {result.output}"
+def create_partial_store(path: Path, boxes: list, origin_rc: tuple[int, int], params: ProbmapParams,
+                         attributes: dict) -> None:
+    """Create (overwrite) the empty map a slide's blocks are written into; P = 0 where nothing is written."""
+    (r0, c0), last = origin_rc, boxes[-1]
+    zarr.create_array(
+        store=str(path),
+        shape=(last[1] - r0, last[3] - c0),
+        chunks=(params.chunk_px, params.chunk_px),
+        dtype=params.dtype,
+        fill_value=0,
+        attributes=attributes,
+        overwrite=True,
     )
 
 
-def _reuse_finished(result: SlideResult, slide_dir: Path, log: Callable[[str], None]) -> bool:
-    """Fill ``result`` from a complete earlier map in ``slide_dir``; False if there is none."""
-    import json
+def computed_blocks_attr(boxes: list, keep: np.ndarray, origin_rc: tuple[int, int], block_px: int) -> dict:
+    """The blocks that were classified, as a compact map attribute (everywhere else P = 0).
 
-    report = slide_dir / "probmap.json"
-    if not (slide_dir / "prob.zarr").is_dir() or not report.is_file():
-        return False
-    earlier = json.loads(report.read_text())
-    for key in ("blocks_total", "blocks_skipped", "patches", "hematoxylin_mm2", "seconds"):
-        setattr(result, key, earlier.get(key, getattr(result, key)))
-    result.status, result.output, result.reused = "done", str(slide_dir / "prob.zarr"), True
-    log(f"{result.name}: already done in {slide_dir}, skipped (--force recomputes)")
-    return True
+    Stored as a bit mask over the block grid (row-major, ``np.packbits``,
+    base64) so that it stays small for any slide size.
+    """
+    import base64
+
+    rows = 1 + (boxes[-1][0] - origin_rc[0]) // block_px
+    cols = 1 + (boxes[-1][2] - origin_rc[1]) // block_px
+    mask = np.asarray(keep, dtype=bool).reshape(rows, cols)
+    return {"block_px": block_px, "grid": [rows, cols], "bits": base64.b64encode(np.packbits(mask)).decode()}
 
 
-def _run_id(info: SlideInfo, frame: ModelFrame, box, model: dict, params: ProbmapParams) -> str:
-    """Fingerprint of everything that determines the map's values (not where or how fast it runs)."""
+def computed_boxes(attrs: dict) -> list[tuple[int, int, int, int]] | None:
+    """Map-pixel boxes (r0, r1, c0, c1) outside which a stored map is 0; None if the map does not say."""
+    import base64
+
+    info = attrs.get("computed_blocks")
+    if info is None:
+        return None
+    rows, cols = info["grid"]
+    size = info["block_px"]
+    mask = np.unpackbits(np.frombuffer(base64.b64decode(info["bits"]), np.uint8), count=rows * cols)
+    return [(i * size, (i + 1) * size, j * size, (j + 1) * size)
+            for i, j in np.argwhere(mask.reshape(rows, cols).astype(bool))]
+
+
+def run_fingerprint(info: SlideInfo, frame: ModelFrame, box, model: dict, params: ProbmapParams) -> str:
+    """Fingerprint of everything that determines a map's values (not where or how fast it runs)."""
     import hashlib
     import json
 
@@ -556,22 +411,19 @@ def _run_id(info: SlideInfo, frame: ModelFrame, box, model: dict, params: Probma
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _fail(result: SlideResult, reason: str, log: Callable[[str], None]) -> None:
-    result.status, result.reason = "failed", reason
-    log(f"{result.name}: FAILED: {reason}")
+def run_probmaps(client: Client, slide_paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+                 **options) -> list[SlideResult]:
+    """Compute ``OUT/<slide-name>/prob.zarr`` for every slide; see :func:`wsi_lymph.batch.run_batch`.
 
+    A slide that cannot be opened or fails during computation is reported in
+    its :class:`SlideResult` (``status="failed"``, ``reason``); the others go on.
+    A slide whose map is complete is not recomputed (unless ``force``); an
+    interrupted one resumes from the manifest of finished blocks kept beside
+    its partial store, recomputing only the blocks missing from it.
+    """
+    from .batch import run_batch
 
-def _unique(name: str, taken: set[str]) -> str:
-    candidate, index = name, 2
-    while candidate in taken:
-        candidate, index = f"{name}-{index}", index + 1
-    taken.add(candidate)
-    return candidate
-
-
-def _cluster_has_gpus(client: Client) -> bool:
-    workers = client.scheduler_info(n_workers=-1).get("workers", {}).values()
-    return any(worker.get("resources", {}).get("GPU", 0) > 0 for worker in workers)
+    return run_batch(client, slide_paths, out_dir, peaks=None, **options)
 
 
 def open_probmap(path: str | os.PathLike):

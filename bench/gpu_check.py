@@ -1,0 +1,218 @@
+"""CUDA against the CPU, and the speed of the GPU path, in one short run on a GPU machine.
+
+Checks, each printed as one JSON line and collected in ``--out/gpu_check.json``:
+
+1. ``patch``: exact patchwise P of the paper's fold-1 model on a real crop, CUDA vs CPU
+   (max abs difference) and patches/s of each (ratio GPU/CPU), at several batch sizes on the GPU;
+2. ``dense``: the dense-exact network (random weights, per-channel mean) fully convolutionally
+   on CUDA vs patchwise on CUDA and vs dense on the CPU, and pixels/s (ratio dense/patchwise);
+3. ``detect``: ``run_detect`` on a region of the CMU-1 sample slide on a 1-worker LocalCluster
+   whose worker advertises ``GPU=1`` (tasks then ask for it), vs the same on a CPU worker:
+   the same centres, max abs map difference, wall time ratio;
+4. ``train``: training iterations/s of the paper recipe on CUDA vs CPU (same seed), and that
+   both losses fall.
+
+Usage (the device machine has torch with CUDA; dask, zarr and openslide travel as wheels)::
+
+    bash bench/gpu_check.sh            # wraps: python bench/gpu_check.py --data .device --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+RESULTS: dict = {}
+
+
+def report(section: str, **values) -> None:
+    RESULTS[section] = values
+    print(json.dumps({section: values}), flush=True)
+
+
+def timed(fn, repeat: int = 3):
+    """Best wall time of ``repeat`` calls (after one warm-up call) and the last result."""
+    result = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def crop_window(data: Path, size: int) -> np.ndarray:
+    """A (size+31)² BGR 0-255 model-frame window of the first annotated crop (20x, upscaled 4x)."""
+    from wsi_lymph.frame import choose_frame, patch_rows, read_frame_window, stride_grid
+    from wsi_lymph.slide import open_slide
+
+    info = open_slide(data / "lymph-centers" / "example_1.tif", mpp=0.5)
+    frame = choose_frame(info)
+    grid = stride_grid(0, size, 1)
+    return read_frame_window(info, frame, patch_rows(grid), patch_rows(grid))
+
+
+def check_patch(data: Path) -> None:
+    from wsi_lymph.models import load_model
+    from wsi_lymph.network import patch_grid_probabilities
+
+    window = crop_window(data, 96)
+    members = {dev: load_model("janowczyk2016/fold1", dev).members for dev in ("cpu", "cuda")}
+    for dev in members:
+        members[dev] = [(net.to(memory_format=torch.channels_last), mean) for net, mean in members[dev]]
+    cpu_s, cpu = timed(lambda: patch_grid_probabilities(members["cpu"], window, batch_size=512, device="cpu"), 1)
+    rates = {}
+    for batch in (512, 4096, 16384):
+        gpu_s, gpu = timed(lambda b=batch: patch_grid_probabilities(members["cuda"], window, batch_size=b,
+                                                                    device="cuda"))
+        rates[batch] = cpu.size / gpu_s
+    diff = float(np.abs(gpu - cpu).max())
+    report("patch", patches=int(cpu.size), max_abs_diff_gpu_cpu=diff, cpu_patches_per_s=round(cpu.size / cpu_s),
+           gpu_patches_per_s_by_batch={str(k): round(v) for k, v in rates.items()},
+           ratio_gpu_cpu=round(max(rates.values()) / (cpu.size / cpu_s), 1), ok=diff < 1e-4)
+
+
+def check_dense(data: Path) -> None:
+    from wsi_lymph.network import DensePatchNet, dense_probabilities, patch_grid_probabilities
+
+    torch.manual_seed(0)
+    net = DensePatchNet((40.0, 45.0, 35.0))
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    mean = torch.tensor([180.0, 120.0, 170.0]).view(3, 1, 1).expand(3, 32, 32).contiguous()
+    window = crop_window(data, 256)
+    cuda = [(net.to("cuda").eval(), mean)]
+    dense_s, dense = timed(lambda: dense_probabilities(cuda, window, device="cuda", tile_px=256))
+    patch_s, patch = timed(lambda: patch_grid_probabilities(cuda, window, batch_size=8192, device="cuda"), 1)
+    cpu_net = [(DensePatchNet((40.0, 45.0, 35.0)).eval(), mean)]
+    cpu_net[0][0].load_state_dict({k: v.cpu() for k, v in net.state_dict().items()})
+    cpu_s, cpu = timed(lambda: dense_probabilities(cpu_net, window, device="cpu"), 1)
+    big = crop_window(data, 384)
+    big_s, _ = timed(lambda: dense_probabilities(cuda, big, device="cuda", tile_px=512))
+    report("dense", pixels=int(dense.size), max_abs_diff_dense_vs_patch_gpu=float(np.abs(dense - patch).max()),
+           max_abs_diff_dense_gpu_vs_cpu=float(np.abs(dense - cpu).max()),
+           gpu_dense_pixels_per_s=round(dense.size / dense_s), gpu_patch_pixels_per_s=round(patch.size / patch_s),
+           cpu_dense_pixels_per_s=round(cpu.size / cpu_s), gpu_dense_tile512_pixels_per_s=round(384**2 / big_s),
+           ratio_dense_over_patch_gpu=round(patch_s / dense_s, 1),
+           ok=float(np.abs(dense - patch).max()) < 1e-5 and float(np.abs(dense - cpu).max()) < 1e-5)
+
+
+def check_detect(data: Path, work: Path) -> None:
+    import zarr
+    from distributed import Client, LocalCluster
+
+    from wsi_lymph.detect import run_detect
+    from wsi_lymph.probmap import ProbmapParams
+
+    slide = data / "cmu-1-small-region.svs"
+    outcome = {}
+    for kind in ("cpu", "cuda"):
+        resources = {"GPU": 1} if kind == "cuda" else None
+        params = ProbmapParams(stride_px=2, region_level0=(650, 950, 600, 600), device=kind,
+                               batch_size=4096 if kind == "cuda" else 512, torch_threads=None)
+        with LocalCluster(n_workers=1, threads_per_worker=1 if kind == "cuda" else 1, processes=True,
+                          resources=resources, dashboard_address=None) as cluster, Client(cluster) as client:
+            start = time.perf_counter()
+            [result] = run_detect(client, [slide], work / kind, model="janowczyk2016/fold1", params=params,
+                                  progress=False, log=lambda _: None)
+            wall = time.perf_counter() - start
+            prefixes = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
+        assert result.status == "done", result.reason
+        folder = work / kind / result.name
+        prob = zarr.open_array(str(folder / "prob.zarr"), mode="r")[:].astype(np.float32)
+        centres = np.loadtxt(folder / "centers.csv", delimiter=",", skiprows=1, ndmin=2)
+        outcome[kind] = dict(wall=wall, prob=prob, centres=centres, patches=result.patches, prefixes=prefixes)
+    cpu, gpu = outcome["cpu"], outcome["cuda"]
+    same = cpu["centres"].shape == gpu["centres"].shape and np.allclose(cpu["centres"][:, :2], gpu["centres"][:, :2])
+    report("detect", region_level0="650,950,600,600", stride=2, patches=cpu["patches"],
+           centres_cpu=len(cpu["centres"]), centres_gpu=len(gpu["centres"]), same_centres=bool(same),
+           max_abs_map_diff=float(np.abs(cpu["prob"] - gpu["prob"]).max()), wall_cpu_s=round(cpu["wall"], 1),
+           wall_gpu_s=round(gpu["wall"], 1), ratio_cpu_over_gpu=round(cpu["wall"] / gpu["wall"], 1),
+           gpu_task_prefixes=gpu["prefixes"], ok=bool(same))
+
+
+def check_train(work: Path) -> None:
+    import zarr
+
+    from wsi_lymph.train import train_model
+
+    # A separable toy set: a dark disk at the patch centre (1) or off-centre (0), with noise.
+    rng = np.random.default_rng(0)
+    n = 4096
+    yy, xx = np.mgrid[:32, :32]
+    labels = rng.integers(0, 2, n).astype(np.uint8)
+    patches = np.empty((n, 32, 32, 3), np.uint8)
+    for i in range(n):
+        dr, dc = (0, 0) if labels[i] else rng.choice([-9, 9], 2)
+        disk = (yy - 16 - dr) ** 2 + (xx - 16 - dc) ** 2 <= 25
+        image = rng.normal(200, 12, (32, 32, 3))
+        image[disk] = rng.normal(70, 12, (int(disk.sum()), 3))
+        patches[i] = np.clip(image, 0, 255)
+    store = work / "toy.zarr"
+    group = zarr.open_group(str(store), mode="w")
+    group.create_array("patches", data=patches, chunks=(1024, 32, 32, 3))
+    group.create_array("label", data=labels, chunks=(4096,))
+    split = np.arange(n)
+    out = {}
+    for device in ("cpu", "cuda"):
+        start = time.perf_counter()
+        train_model(store, split[:3584], split[3584:], work / f"train-{device}", recipe="paper", arch="paper",
+                    iterations=600, checkpoint_every=300, eval_every=300, seed=0, device=device, log=lambda _: None)
+        seconds = time.perf_counter() - start
+        metrics = json.loads((work / f"train-{device}" / "metrics.json").read_text())
+        rows = metrics if isinstance(metrics, list) else metrics.get("rows", metrics)
+        out[device] = dict(it_per_s=600 / seconds, first=rows[0], last=rows[-1])
+    report("train", iterations=600, cpu_it_per_s=round(out["cpu"]["it_per_s"], 1),
+           gpu_it_per_s=round(out["cuda"]["it_per_s"], 1),
+           ratio_gpu_cpu=round(out["cuda"]["it_per_s"] / out["cpu"]["it_per_s"], 1),
+           cpu_last=out["cpu"]["last"], gpu_last=out["cuda"]["last"],
+           ok=out["cuda"]["last"]["val_accuracy"] > 0.9)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="folder with lymph-centers/, the CMU-1 slide, models")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--only", nargs="*", default=["patch", "dense", "detect", "train"])
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("WSI_LYMPH_CACHE", tempfile.mkdtemp(prefix="wl-cache-"))
+    os.environ["WSI_LYMPH_MODEL_SOURCE"] = str((args.data / "janowczyk2016-lymphocyte").resolve())
+    report("device", cuda=torch.cuda.is_available(), name=torch.cuda.get_device_name(0),
+           torch=torch.__version__, cpu_threads=torch.get_num_threads())
+    with tempfile.TemporaryDirectory() as tmp:
+        for section in args.only:
+            start = time.perf_counter()
+            try:
+                if section == "patch":
+                    check_patch(args.data)
+                elif section == "dense":
+                    check_dense(args.data)
+                elif section == "detect":
+                    check_detect(args.data, Path(tmp))
+                elif section == "train":
+                    check_train(Path(tmp))
+            except Exception:
+                report(section, error=traceback.format_exc(limit=6), ok=False)
+            print(f"# {section}: {time.perf_counter() - start:.1f} s", flush=True)
+    (args.out / "gpu_check.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
