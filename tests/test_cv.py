@@ -38,7 +38,8 @@ def test_cv_runs_five_folds_by_image_and_beats_the_baseline(tmp_path):
         assert not set(fold["test_images"]) & (set(fold["fit_images"]) | set(fold["validation_images"]))
         assert not set(fold["fit_images"]) & set(fold["validation_images"]) and fold["validation_images"]
         assert 0.3 <= fold["network"]["threshold"] < 1.0
-        assert load_model(fold["model"]).meta["fold"] == fold["fold"]
+        tuned = load_model(fold["model"]).meta
+        assert tuned["fold"] == fold["fold"] and tuned["threshold"] == fold["network"]["threshold"]
         assert fold["training"]["final_metrics"]["iteration"] == 150
         assert (out / "folds" / f"train_w32_{fold['fold']}.txt").is_file()
         assert (out / "folds" / f"fold{fold['fold']}_mean_bgr.npy").is_file()
@@ -79,3 +80,34 @@ def test_dataset_check_reports_problems_and_passes_a_clean_set(tmp_path):
     assert run.returncode == 1
     for name in ("im2.tif", "3m.tif", "im4.tif"):
         assert name in run.stdout, (name, run.stdout)
+
+
+def test_engine_evaluates_a_dense_model_fully_convolutionally(client, tmp_path):
+    import torch
+    from test_dense import _meta, channel_mean_image, random_dense_net
+
+    from wsi_lymph.caffe import save_checkpoint_atomic
+    from wsi_lymph.frame import choose_frame, patch_rows, read_frame_window
+    from wsi_lymph.network import DENSE_ARCH, patch_grid_probabilities
+    from wsi_lymph.probmap import ProbmapParams, open_probmap, run_probmaps
+    from wsi_lymph.slide import open_slide
+
+    net, mean = random_dense_net(3), channel_mean_image()
+    meta = _meta(DENSE_ARCH, "dense-test") | {"source_scan_mpp": 0.5}
+    path = save_checkpoint_atomic({"state_dict": net.state_dict(), "mean_bgr": mean, "meta": meta}, tmp_path / "d.pt")
+    crop = CROPS / "example_3.tif"
+    params = ProbmapParams(stride_px=4, chunk_px=128, block_px=128, dtype="float32", skip_hematoxylin=False,
+                           torch_threads=1)
+    [result] = run_probmaps(client, [crop], tmp_path / "out", model=str(path), mpp=0.5, params=params,
+                            progress=False)
+    assert result.status == "done", result.reason
+    assert result.patches == 400 * 400  # every pixel: a dense model is exact, the stride does not apply
+    engine, _ = open_probmap(result.output)
+    # Reference: patch-by-patch classification of a window inside the map.
+    info = open_slide(crop, mpp=0.5)
+    rows, cols = np.arange(100, 164), np.arange(250, 314)
+    window = read_frame_window(info, choose_frame(info), patch_rows(rows), patch_rows(cols))
+    with torch.inference_mode():
+        reference = patch_grid_probabilities([(net, mean)], window, stride_px=1)
+    np.testing.assert_allclose(engine[100:164, 250:314].compute(), reference, atol=1e-5)
+    assert reference.std() > 0.01  # a map with structure, not a constant

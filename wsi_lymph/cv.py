@@ -230,6 +230,7 @@ def run_fold(fold: Fold, dataset: str | os.PathLike, patches_zarr: str | os.Path
                                              [truths[i] for i in fold.test_images], threshold, tolerance_px)
         entry[name] = {"threshold": float(threshold), "validation": _score_dict(val_score),
                        "test": _score_dict(test_score), "per_image": per_image}
+    entry["model"] = str(_store_threshold(model_path, entry["network"]["threshold"]))
     metrics = json.loads((out_dir / "metrics.json").read_text())
     rows = metrics if isinstance(metrics, list) else metrics.get("rows", [])
     entry["training"] = {"final_metrics": rows[-1] if rows else None, "seconds": round(trained_s, 1)}
@@ -339,6 +340,21 @@ def markdown_report(report: dict) -> str:
     lines.append(f"| pooled | {sum(len(e['test_images']) for e in report['folds'])} | | {net['precision']:.3f} | "
                  f"{net['recall']:.3f} | {net['f_score']:.3f} | {base['f_score']:.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def _store_threshold(model_path: Path, threshold: float) -> Path:
+    """``model-tuned.pt``: the fold's model carrying the threshold chosen on its validation images.
+
+    ``wsi-lymph detect --model`` then uses it by default (a model carries its own threshold).
+    """
+    import torch
+
+    from .caffe import save_checkpoint_atomic
+
+    checkpoint = torch.load(model_path, map_location="cpu", weights_only=True)
+    checkpoint["meta"] = dict(checkpoint["meta"]) | {"threshold": float(threshold),
+                                                     "threshold_source": "F-optimal on the fold's validation images"}
+    return save_checkpoint_atomic(checkpoint, model_path.with_name("model-tuned.pt"))
 
 
 def _score_dict(score: DetectionScore) -> dict:

@@ -166,13 +166,13 @@ def detect_centers_blockwise(
     import dask
 
     graph = peak_blocks(prob.chunks, threshold, smooth_radius_px, clear_radius_px, nonzero_boxes=nonzero_boxes)
-    tasks = [
-        dask.delayed(summarise_peak_block)(
-            read_with_halo(prob, box, graph.halo_px), box, graph.halo_px, threshold, smooth_radius_px,
-            clear_radius_px,
-        )
-        for box in graph.boxes
-    ]
+    tasks = []
+    for box in graph.boxes:
+        # Only a plain slice of the Dask array (cheap to build); the mirrored halo is gathered in the task.
+        (rows, cols), take = _halo_read(prob.shape, box, graph.halo_px)
+        tasks.append(dask.delayed(_summarise_read)(
+            prob[rows, cols], take, box, graph.halo_px, threshold, smooth_radius_px, clear_radius_px,
+        ))
     summaries = dict(zip(graph.blocks, dask.compute(*tasks), strict=True))
     centres, scores = centres_from_summaries(graph, summaries, threshold, clear_radius_px)
     return (centres, scores) if return_scores else centres
@@ -238,22 +238,39 @@ def peak_blocks(
     return PeakGraph(blocks, boxes, (tuple(chunks[0]), tuple(chunks[1])), smooth_half + reach)
 
 
-def read_with_halo(array, box: tuple[int, int, int, int], halo_px: int):
+def read_with_halo(array, box: tuple[int, int, int, int], halo_px: int) -> np.ndarray:
     """``array[r0-h : r1+h, c0-h : c1+h]`` with the map border mirrored symmetrically (edge pixel repeated).
 
-    Works on anything sliceable (NumPy, Zarr, Dask): one rectangular read of
-    the pixels needed, then the mirrored rows and columns are gathered from it.
+    Works on anything sliceable (NumPy, Zarr): one rectangular read of the
+    pixels needed, then the mirrored rows and columns are gathered from it.
     """
+    (rows, cols), take = _halo_read(array.shape, box, halo_px)
+    return _mirror(np.asarray(array[rows, cols]), take)
+
+
+def _halo_read(shape, box, halo_px: int) -> tuple[tuple[slice, slice], tuple[np.ndarray | None, np.ndarray | None]]:
+    """The rectangle to read for ``box`` plus halo, and the rows/columns to take from it (None: all)."""
     r0, r1, c0, c1 = box
-    rows = symmetric_index(np.arange(r0 - halo_px, r1 + halo_px), array.shape[0])
-    cols = symmetric_index(np.arange(c0 - halo_px, c1 + halo_px), array.shape[1])
-    window = array[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
-    # Away from the border the read is the answer; at the border, gather the mirrored lines.
-    if not (np.diff(rows) == 1).all():
-        window = window[rows - rows.min()]
-    if not (np.diff(cols) == 1).all():
-        window = window[:, cols - cols.min()]
+    reads, takes = [], []
+    for start, stop, length in ((r0, r1, shape[0]), (c0, c1, shape[1])):
+        index = symmetric_index(np.arange(start - halo_px, stop + halo_px), length)
+        reads.append(slice(int(index.min()), int(index.max()) + 1))
+        # Away from the border the read is the answer; at the border, gather the mirrored lines.
+        takes.append(None if (np.diff(index) == 1).all() else index - index.min())
+    return tuple(reads), tuple(takes)
+
+
+def _mirror(window: np.ndarray, take) -> np.ndarray:
+    rows, cols = take
+    if rows is not None:
+        window = window[rows]
+    if cols is not None:
+        window = window[:, cols]
     return window
+
+
+def _summarise_read(window: np.ndarray, take, *args) -> dict:
+    return summarise_peak_block(_mirror(window, take), *args)
 
 
 def summarise_peak_block(

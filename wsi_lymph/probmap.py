@@ -193,6 +193,11 @@ def window_probabilities(
         Patches classified (per member).
     """
     r0, r1, c0, c1 = box
+    if device.startswith("cuda"):
+        # TF32 convolutions (torch's default on CUDA) move P by up to ~5e-3 on an H200; full
+        # float32 gives the CPU's map (measured: identical), which the method's threshold assumes.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     if all(isinstance(net, DensePatchNet) for net, _ in members):
         window = read_window(patch_rows(np.arange(r0, r1)), patch_rows(np.arange(c0, c1)))
         prob = dense_probabilities(members, window, mirror=mirror, device=device)
