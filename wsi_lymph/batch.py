@@ -37,15 +37,7 @@ import zarr
 from distributed import Client, Future, as_completed
 
 from .frame import ModelFrame, block_boxes, choose_frame
-from .hematoxylin import (
-    HEMATOXYLIN,
-    TISSUE,
-    blocks_with_hematoxylin,
-    cells_of_box,
-    hematoxylin_area_mm2,
-    stain_map,
-    tissue_area_mm2,
-)
+from .hematoxylin import blocks_with_hematoxylin, stain_summary
 from .probmap import (
     ProbmapParams,
     SlideResult,
@@ -223,13 +215,12 @@ class _Batch:
             slide.bar = tqdm(total=0, unit="block", desc=result.name[:24], leave=False, dynamic_ncols=True,
                              position=self.bar_positions.pop(0))
             slide.bar.set_postfix_str("stain map")
-        smap, cell_mpp = stain_map(info, params.mask_mpp)
-        # Only the cells around the analysed region are read and deconvolved.
-        window = cells_of_box(box, frame, cell_mpp, smap.shape[:2], params.margin_um)
-        top, bottom, left, right = window
+        parts, assemble = stain_summary(info, frame, box, mask_mpp=params.mask_mpp,
+                                        threshold_od=params.hematoxylin_threshold_od, margin_um=params.margin_um)
         # Unfused, so the dashboard shows the reads and the deconvolution as their own stages.
-        future = self.client.compute(smap[top:bottom, left:right], optimize_graph=False)
-        self.watch(future, lambda f: self._on_stain_map(slide, f, cell_mpp, window, smap.shape[:2]))
+        futures = self.client.compute(parts, optimize_graph=False)
+        future = self.client.submit(assemble, *futures, key=f"hematoxylin-summary-{slide.token}", pure=False)
+        self.watch(future, lambda f: self._on_stain_map(slide, f))
 
     def _reuse(self, slide: _Slide) -> bool:
         """Skip or shortcut a slide finished (fully, or up to its map) by an earlier run."""
@@ -252,24 +243,15 @@ class _Batch:
         return True
 
     # -------------------------------------------------------------- stage 1: stain map
-    def _on_stain_map(self, slide: _Slide, future: Future, cell_mpp: float, window, slide_cells) -> None:
+    def _on_stain_map(self, slide: _Slide, future: Future) -> None:
         params, result = self.params, slide.result
         try:
-            smap = future.result()
+            summary = future.result()
         except Exception as error:  # a worker-side read error of this slide only
             return self._fail(slide, f"{slide.info.path}: reading for the hematoxylin mask failed: {error}")
-        top, _, left, _ = window
-        # Areas over the analysed region itself, without the margin read around it.
-        a_top, a_bottom, a_left, a_right = cells_of_box(slide.box, slide.frame, cell_mpp, slide_cells, 0.0)
-        inside = smap[a_top - top : a_bottom - top, a_left - left : a_right - left]
-        result.hematoxylin_mm2 = hematoxylin_area_mm2(inside[..., HEMATOXYLIN], cell_mpp,
-                                                      params.hematoxylin_threshold_od)
-        result.tissue_mm2 = tissue_area_mm2(inside[..., TISSUE], cell_mpp)
+        result.hematoxylin_mm2, result.tissue_mm2 = summary.hematoxylin_mm2, summary.tissue_mm2
         if params.skip_hematoxylin:
-            keep = blocks_with_hematoxylin(
-                smap[..., HEMATOXYLIN], cell_mpp, slide.frame, slide.boxes, params.hematoxylin_threshold_od,
-                params.margin_um, origin_cells=(top, left), slide_cells=slide_cells,
-            )
+            keep = blocks_with_hematoxylin(summary, slide.frame, slide.boxes, params.margin_um)
         else:
             keep = np.ones(len(slide.boxes), dtype=bool)
         slide.keep = keep

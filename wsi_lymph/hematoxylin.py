@@ -19,6 +19,9 @@ blocks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import dask.array as da
 import numpy as np
 from skimage.color import rgb2hed
@@ -120,61 +123,98 @@ def cells_of_box(
     )
 
 
-def blocks_with_hematoxylin(
-    hmap: np.ndarray,
-    cell_mpp: float,
+@dataclass(frozen=True)
+class StainSummary:
+    """What the batch needs from a slide's stain map: small, whatever the slide's size.
+
+    Attributes
+    ----------
+    positive : np.ndarray
+        (rows, cols) bool, cells above the hematoxylin threshold, over the analysed
+        region plus the margin (1 byte per ~2 µm cell).
+    origin_cells : (int, int)
+        Cell (row, col) of ``positive[0, 0]`` in the slide's cell grid.
+    slide_cells : (int, int)
+        Shape of the slide's cell grid.
+    cell_mpp : float
+        µm per cell.
+    hematoxylin_mm2, tissue_mm2 : float
+        Hematoxylin-positive and tissue area of the analysed region (no margin).
+    """
+
+    positive: np.ndarray
+    origin_cells: tuple[int, int]
+    slide_cells: tuple[int, int]
+    cell_mpp: float
+    hematoxylin_mm2: float
+    tissue_mm2: float
+
+
+def stain_summary(
+    info: SlideInfo,
     frame: ModelFrame,
-    boxes: list[tuple[int, int, int, int]],
+    box: tuple[int, int, int, int],
+    *,
+    mask_mpp: float = DEFAULT_MASK_MPP,
     threshold_od: float = DEFAULT_THRESHOLD_OD,
     margin_um: float = DEFAULT_MARGIN_UM,
-    origin_cells: tuple[int, int] = (0, 0),
-    slide_cells: tuple[int, int] | None = None,
+) -> tuple[list[da.Array], Callable[..., StainSummary]]:
+    """The lazy parts of a :class:`StainSummary` of a model-frame region ``box = (r0, r1, c0, c1)``.
+
+    Only the cells around the region are read and deconvolved; the float maps
+    stay on the workers, only the positive mask and two sums come back.
+
+    Returns
+    -------
+    parts : list of dask.array.Array
+        The positive mask, the number of positive cells and the summed tissue fraction.
+    assemble : callable
+        ``assemble(*computed_parts)`` gives the :class:`StainSummary`.
+    """
+    smap, cell_mpp = stain_map(info, mask_mpp)
+    shape = smap.shape[:2]
+    top, bottom, left, right = cells_of_box(box, frame, cell_mpp, shape, margin_um)
+    i_top, i_bottom, i_left, i_right = cells_of_box(box, frame, cell_mpp, shape, 0.0)
+    positive = smap[top:bottom, left:right, HEMATOXYLIN] > threshold_od
+    inner = smap[i_top:i_bottom, i_left:i_right]
+    parts = [positive, (inner[..., HEMATOXYLIN] > threshold_od).sum(), inner[..., TISSUE].sum(dtype=np.float64)]
+    cell_mm2 = (cell_mpp / 1000.0) ** 2
+
+    def assemble(positive_cells: np.ndarray, n_positive: float, tissue_cells: float) -> StainSummary:
+        return StainSummary(np.asarray(positive_cells, dtype=bool), (top, left), tuple(shape), cell_mpp,
+                            float(n_positive) * cell_mm2, float(tissue_cells) * cell_mm2)
+
+    return parts, assemble
+
+
+def blocks_with_hematoxylin(
+    summary: StainSummary,
+    frame: ModelFrame,
+    boxes: list[tuple[int, int, int, int]],
+    margin_um: float = DEFAULT_MARGIN_UM,
 ) -> np.ndarray:
     """Which model-frame blocks hold hematoxylin (and so must be evaluated).
 
     Parameters
     ----------
-    hmap : np.ndarray
-        (rows, cols) mean hematoxylin OD per cell, ``stain_map(...)[..., HEMATOXYLIN]``.
-    cell_mpp : float
-        µm per ``hmap`` cell.
+    summary : StainSummary
+        From :func:`stain_summary` (its margin must be at least ``margin_um``).
     frame : ModelFrame
         Model frame of the slide.
     boxes : list of (r0, r1, c0, c1)
         Block boxes in model-frame pixels.
-    threshold_od : float
-        A cell with mean OD above this is hematoxylin.
     margin_um : float
         A block is kept if a hematoxylin cell lies within this distance of it.
-    origin_cells : (int, int)
-        Cell (row, col) of ``hmap[0, 0]`` when ``hmap`` is a window of the slide's map.
-    slide_cells : (int, int), optional
-        Shape of the whole slide's cell grid (default: ``hmap.shape``).
 
     Returns
     -------
     np.ndarray
         (len(boxes),) bool, True = evaluate.
     """
-    positive = hmap > threshold_od
-    # Summed-area table: any positive cell inside a box in O(1) per box.
-    table = np.pad(positive.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    positive, (row0, col0) = summary.positive, summary.origin_cells
     keep = np.zeros(len(boxes), dtype=bool)
     for i, box in enumerate(boxes):
-        top, bottom, left, right = cells_of_box(box, frame, cell_mpp, slide_cells or hmap.shape, margin_um)
-        top, bottom = np.clip([top - origin_cells[0], bottom - origin_cells[0]], 0, hmap.shape[0])
-        left, right = np.clip([left - origin_cells[1], right - origin_cells[1]], 0, hmap.shape[1])
-        count = table[bottom, right] - table[top, right] - table[bottom, left] + table[top, left]
-        keep[i] = count > 0
+        top, bottom, left, right = cells_of_box(box, frame, summary.cell_mpp, summary.slide_cells, margin_um)
+        # A few dozen cells per block: a direct look is cheaper in memory than a summed-area table.
+        keep[i] = positive[max(top - row0, 0) : max(bottom - row0, 0), max(left - col0, 0) : max(right - col0, 0)].any()
     return keep
-
-
-def hematoxylin_area_mm2(hmap: np.ndarray, cell_mpp: float, threshold_od: float = DEFAULT_THRESHOLD_OD) -> float:
-    """Area of hematoxylin-positive cells in mm²."""
-    return float((hmap > threshold_od).sum() * (cell_mpp / 1000.0) ** 2)
-
-
-
-def tissue_area_mm2(tissue_fraction: np.ndarray, cell_mpp: float) -> float:
-    """Tissue area in mm² from per-cell tissue fractions (``stain_map(...)[..., TISSUE]``)."""
-    return float(tissue_fraction.sum(dtype=np.float64) * (cell_mpp / 1000.0) ** 2)
