@@ -140,8 +140,23 @@ def test_detect_over_the_shared_slides_folder(model_cache, tmp_path):
             assert -0.5 <= float(row["x"]) <= 300 and -0.5 <= float(row["y"]) <= 250
         assert summary["analysed_area_mm2"] == round(300 * 250 * 0.5**2 / 1e6, 6)
         assert 0 <= summary["tissue_area_mm2"] <= summary["analysed_area_mm2"]
-    # The TCGA frozen section's top-left corner is mostly glass; CMU-1's is partly tissue.
-    tissue = {s["name"]: json.loads((out / s["name"] / "summary.json").read_text())["tissue_area_mm2"]
-              for s in batch["slides"]}
-    print("tissue mm²:", tissue)
+        # Slides in flight together must not share tasks: each slide's areas equal its own stain summary.
+        alone = _stain_summary_alone(slide["path"], (0, 0, 300, 250))
+        assert summary["tissue_area_mm2"] == pytest.approx(alone.tissue_mm2, abs=1e-6)
+        assert summary["hematoxylin_area_mm2"] == pytest.approx(alone.hematoxylin_mm2, abs=1e-6)
     assert sum(json.loads((out / s["name"] / "summary.json").read_text())["count"] for s in batch["slides"]) > 0
+
+
+def _stain_summary_alone(path: str, region_level0: tuple[int, int, int, int]):
+    """The stain summary of one slide region, computed in-process (synchronous scheduler)."""
+    import dask
+
+    from wsi_lymph.frame import choose_frame
+    from wsi_lymph.hematoxylin import stain_summary
+    from wsi_lymph.probmap import frame_region
+    from wsi_lymph.slide import open_slide
+
+    info = open_slide(path, mpp=0.5)
+    frame = choose_frame(info)
+    parts, assemble = stain_summary(info, frame, frame_region(frame, region_level0))
+    return assemble(*dask.compute(*parts, scheduler="sync"))

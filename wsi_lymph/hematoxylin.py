@@ -83,7 +83,8 @@ def stain_map(info: SlideInfo, mask_mpp: float = DEFAULT_MASK_MPP, tile_px: int 
         channels = np.stack([hematoxylin_od(tile_rgb), tissue_pixels(tile_rgb).astype(np.float32)], axis=-1)
         return block_reduce(channels, (factor, factor, 1), np.mean).astype(np.float32)
 
-    smap = rgb.map_blocks(reduce_tile, chunks=out_chunks, dtype=np.float32, name="hematoxylin")
+    # `token`, not `name`: keys get a hash of the inputs, so several slides can be in flight at once.
+    smap = rgb.map_blocks(reduce_tile, chunks=out_chunks, dtype=np.float32, token="hematoxylin")
     assert smap.shape == (-(-height // factor), -(-width // factor), 2)
     return smap, info.level_mpp(level) * factor
 
@@ -139,7 +140,8 @@ class StainSummary:
     cell_mpp : float
         µm per cell.
     hematoxylin_mm2, tissue_mm2 : float
-        Hematoxylin-positive and tissue area of the analysed region (no margin).
+        Hematoxylin-positive and tissue area of the analysed region (no margin): the
+        fractions of the cells covering it times its area.
     """
 
     positive: np.ndarray
@@ -178,11 +180,13 @@ def stain_summary(
     positive = smap[top:bottom, left:right, HEMATOXYLIN] > threshold_od
     inner = smap[i_top:i_bottom, i_left:i_right]
     parts = [positive, (inner[..., HEMATOXYLIN] > threshold_od).sum(), inner[..., TISSUE].sum(dtype=np.float64)]
-    cell_mm2 = (cell_mpp / 1000.0) ** 2
+    # The cells covering the region overhang its edges; their fractions are applied to the region's own area.
+    n_cells = max(1, (i_bottom - i_top) * (i_right - i_left))
+    region_mm2 = (box[1] - box[0]) * (box[3] - box[2]) * (frame.mpp / 1000.0) ** 2
 
     def assemble(positive_cells: np.ndarray, n_positive: float, tissue_cells: float) -> StainSummary:
         return StainSummary(np.asarray(positive_cells, dtype=bool), (top, left), tuple(shape), cell_mpp,
-                            float(n_positive) * cell_mm2, float(tissue_cells) * cell_mm2)
+                            float(n_positive) / n_cells * region_mm2, float(tissue_cells) / n_cells * region_mm2)
 
     return parts, assemble
 
