@@ -52,3 +52,15 @@ def crop_centers(index: int) -> np.ndarray:
 def level0_to_frame(rc: np.ndarray, scale: float = 4.0) -> np.ndarray:
     """Level-0 (row, col) pixel centres to model-frame (row, col) coordinates."""
     return (np.asarray(rc, dtype=float) + 0.5) * scale - 0.5
+
+
+def write_crops_in_paper_layout(folder: Path) -> Path:
+    """The three annotated crops as ``im<K>.tif`` + ``<K>m.tif`` (RGBA, centres in alpha) in ``folder``."""
+    import tifffile
+
+    from wsi_lymph.dataset import write_paper_image
+
+    for k in (1, 2, 3):
+        rgb = tifffile.imread(CROPS / f"example_{k}.tif")
+        write_paper_image(folder, str(k), rgb, np.argwhere(tifffile.imread(CROPS / f"example_{k}_seed.tif") > 0))
+    return folder

@@ -6,10 +6,9 @@ import json
 
 import numpy as np
 import pytest
-import tifffile
-from conftest import CROPS
+from conftest import write_crops_in_paper_layout
 
-from wsi_lymph.dataset import read_dataset, write_paper_image
+from wsi_lymph.dataset import read_dataset
 from wsi_lymph.folds import Fold, make_folds, read_folds, write_folds
 from wsi_lymph.patches import extract_patches, open_patches, patch_names
 
@@ -17,11 +16,7 @@ from wsi_lymph.patches import extract_patches, open_patches, patch_names
 @pytest.fixture(scope="module")
 def patches_zarr(tmp_path_factory):
     """Patches of the three real crops (paper layout, ids 1-3), few per image to stay fast."""
-    folder = tmp_path_factory.mktemp("paper")
-    for k in (1, 2, 3):
-        rgb = tifffile.imread(CROPS / f"example_{k}.tif")
-        centers = np.argwhere(tifffile.imread(CROPS / f"example_{k}_seed.tif") > 0)
-        write_paper_image(folder, str(k), rgb, centers)
+    folder = write_crops_in_paper_layout(tmp_path_factory.mktemp("paper"))
     return extract_patches(None, read_dataset(folder), folder / "patches.zarr", seed=11,
                            max_positive=30, max_negative=25, chunk=100)
 

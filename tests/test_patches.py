@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tifffile
 import zarr
-from conftest import CROPS
+from conftest import write_crops_in_paper_layout
 from scipy.spatial import cKDTree
 
-from wsi_lymph.dataset import read_dataset, write_paper_image
+from wsi_lymph.dataset import read_dataset
 from wsi_lymph.patches import (
     NEGATIVE_ROTATIONS,
     POSITIVE_ROTATIONS,
@@ -30,12 +29,7 @@ SMALL = {"max_positive": 40, "max_negative": 30}  # keeps the Zarr/Dask tests fa
 @pytest.fixture(scope="module")
 def paper_dir(tmp_path_factory):
     """The real crops written as ``im<K>.tif`` + ``<K>m.tif`` (RGBA, centres in alpha)."""
-    folder = tmp_path_factory.mktemp("paper")
-    for k in (1, 2, 3):
-        rgb = tifffile.imread(CROPS / f"example_{k}.tif")
-        centers = np.argwhere(tifffile.imread(CROPS / f"example_{k}_seed.tif") > 0)
-        write_paper_image(folder, str(k), rgb, centers)
-    return folder
+    return write_crops_in_paper_layout(tmp_path_factory.mktemp("paper"))
 
 
 @pytest.fixture(scope="module")

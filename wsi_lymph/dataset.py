@@ -41,15 +41,15 @@ problem without raising.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import re
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from .outputs import write_atomic
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 SEED_SUFFIXES = (".tif", ".tiff", ".png")
@@ -284,15 +284,8 @@ def write_paper_image(directory: str | os.PathLike, image_id: str, rgb: np.ndarr
     directory.mkdir(parents=True, exist_ok=True)
     image_path, mask_path = directory / f"im{image_id}.tif", directory / f"{image_id}m.tif"
     for path, data in ((mask_path, rgba), (image_path, rgb)):
-        _atomic_write(path, lambda tmp, data=data: tifffile.imwrite(tmp, data, photometric="rgb"))
+        write_atomic(path, lambda tmp, data=data: tifffile.imwrite(tmp, data, photometric="rgb"))
     return image_path, mask_path
-
-
-def write_json_atomic(path: str | os.PathLike, payload: dict) -> Path:
-    """Write ``payload`` as indented JSON under a temporary name, then move it into place."""
-    path = Path(path)
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8"))
-    return path
 
 
 def read_dataset(path: str | os.PathLike) -> list[AnnotatedImage]:
@@ -367,17 +360,6 @@ def check_dataset(path: str | os.PathLike) -> DatasetReport:
 def _file(report: DatasetReport, error: DatasetError) -> None:
     kind = error.kind if error.kind in ERROR_KINDS else "invalid"
     getattr(report, kind).append(DatasetIssue(error.path, error.problem))
-
-
-def _atomic_write(path: Path, write) -> None:
-    # Hidden temporary name in the same folder: os.replace is atomic within one file system, and readers skip
-    # names starting with '.', so a crash leaves no half-written file under a real name.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _scan(folder: Path) -> tuple[list[_Entry], list[DatasetError], int]:

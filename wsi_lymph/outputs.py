@@ -13,6 +13,7 @@ import io
 import json
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +24,30 @@ CENTRE_COLUMNS = ("x", "y", "x_um", "y_um", "probability")
 LYMPHOCYTE_COLOUR_RGB = (0, 160, 255)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+def write_atomic(path: str | os.PathLike, data: bytes | Callable[[Path], None], *, fsync: bool = False) -> None:
+    """Write a file through a hidden temporary file in the same folder and a rename.
+
+    Parameters
+    ----------
+    path : path-like
+        The file; readers see either its old content or the new one, never a part.
+    data : bytes or callable
+        The content, or a function that writes the file it is given (e.g. an image writer).
+    fsync : bool
+        Flush the file to disk before the rename (logs that must survive a machine crash).
+    """
+    path = Path(path)
+    # Hidden name in the same folder: os.replace is atomic within one file system, and folder
+    # scans skip names starting with '.', so a crash leaves no half-written file under a real name.
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        tmp.write_bytes(data)
+        if callable(data):
+            data(tmp)
+        else:
+            tmp.write_bytes(data)
+        if fsync:
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

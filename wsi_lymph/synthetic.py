@@ -26,7 +26,8 @@ import numpy as np
 from scipy import ndimage
 from skimage.color import rgb_from_hed
 
-from .dataset import AnnotatedImage, write_json_atomic, write_paper_image
+from .dataset import AnnotatedImage, write_paper_image
+from .outputs import write_json
 
 #: µm per pixel of the synthetic images (20x).
 MPP = 0.5
@@ -137,7 +138,7 @@ def make_synthetic_dataset(directory: str | os.PathLike, n_images: int = 10, siz
         image_id = str(index)
         image_path, mask_path = write_paper_image(directory, image_id, rgb, centers)
         images.append(AnnotatedImage(image_id, image_path, rgb, centers, mask_path, "paper"))
-    write_json_atomic(directory / "dataset.json", {
+    write_json(directory / "dataset.json", {
         "generator": GENERATOR, "seed": seed, "n_images": n_images, "size_px": size_px, "mpp": MPP,
         "centers": int(sum(len(image.centers_rc) for image in images)),
     })

@@ -61,7 +61,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -76,6 +75,7 @@ from torch.nn import functional as F
 
 from wsi_lymph.caffe import ARCH, CHECKPOINT_FORMAT, MEAN_SHAPE, PAPER_THRESHOLD, save_checkpoint_atomic
 from wsi_lymph.network import DENSE_ARCH, PATCH_PX, DensePatchNet, PatchNet
+from wsi_lymph.outputs import write_atomic
 
 RECIPES = ("paper", "modern")
 ARCHS = ("paper", "dense")
@@ -378,19 +378,6 @@ def _evaluate(net: nn.Module, data: _PatchSet, mean: torch.Tensor, device: str) 
     return loss_sum / len(data.labels), accuracy, roc_auc(prob, data.labels)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _csv_line(row: dict[str, float]) -> str:
     # repr keeps every bit of a float, so resumed and uninterrupted logs compare exactly.
     return ",".join(str(row[c]) if c == "iteration" else repr(float(row[c])) for c in METRIC_COLUMNS) + "\n"
@@ -413,11 +400,13 @@ class _MetricsLog:
                     if row["iteration"] <= upto:
                         self.rows.append(row)
         # Rows past the checkpoint are recomputed by the resumed run (no duplicates, no gaps).
-        _write_text_atomic(self.csv_path, ",".join(METRIC_COLUMNS) + "\n" + "".join(map(_csv_line, self.rows)))
+        text = ",".join(METRIC_COLUMNS) + "\n" + "".join(map(_csv_line, self.rows))
+        write_atomic(self.csv_path, text.encode(), fsync=True)
         self._write_json()
 
     def _write_json(self) -> None:
-        _write_text_atomic(self.json_path, json.dumps({"columns": list(METRIC_COLUMNS), "rows": self.rows}, indent=1))
+        text = json.dumps({"columns": list(METRIC_COLUMNS), "rows": self.rows}, indent=1)
+        write_atomic(self.json_path, text.encode(), fsync=True)
 
     def append(self, row: dict[str, float]) -> None:
         self.rows.append(row)
