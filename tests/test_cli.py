@@ -67,3 +67,19 @@ def test_demo_fetches_the_sample_slide_and_detects(tmp_path):
     env["WSI_LYMPH_DATA_SOURCE"] = (tmp_path / "empty").as_uri()
     run = _cli("demo", "--out", str(out), env=env)
     assert run.returncode == 1 and "CMU-1-Small-Region.svs" in run.stderr and "--source" in run.stderr
+
+
+def test_detect_with_a_missing_model_is_a_clear_error(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import SLIDES
+
+    run = subprocess.run(
+        [sys.executable, "-m", "wsi_lymph.cli", "detect", str(SLIDES / "cmu-1-small-region.svs"), "--out",
+         str(tmp_path), "--model", str(tmp_path / "no-such-model.pt")],
+        capture_output=True, text=True, timeout=120, env=os.environ.copy(),
+    )
+    assert run.returncode == 1
+    assert "no-such-model.pt" in run.stderr and "Traceback" not in run.stderr

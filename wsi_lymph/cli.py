@@ -16,10 +16,56 @@ def _region(text: str) -> tuple[int, int, int, int]:
 
 
 def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("cluster")
+    """Options of the one cluster factory (:func:`wsi_lymph.cluster.dask_client`), shared by every command."""
+    group = parser.add_argument_group(
+        "cluster", "a local cluster (default), worker jobs on PBS or Slurm (see cluster/README.md), or a running "
+        "scheduler; Dask config keys wsi-lymph.cluster.kind/profile/jobs give defaults")
+    group.add_argument("--cluster", default=None, metavar="local|pbs|slurm|ADDRESS",
+                       help="where tasks run (default: local, or the config's wsi-lymph.cluster.kind)")
+    group.add_argument("--scheduler", default=None, metavar="ADDRESS", help="same as --cluster ADDRESS")
     group.add_argument("--workers", type=int, default=None, help="local worker processes (default: cores / 2)")
-    group.add_argument("--scheduler", default=None, help="address of a running Dask scheduler (no local cluster)")
-    group.add_argument("--dashboard", default=":8787", help="local dashboard address (default :8787)")
+    group.add_argument("--jobs", type=int, default=None, help="PBS/Slurm worker jobs (default 1; cv: one per fold)")
+    group.add_argument("--adaptive", action="store_true", help="scale between 1 and --jobs jobs with the work")
+    group.add_argument("--profile", default=None, help="job profile: the section jobqueue.PROFILE of the Dask config, "
+                       "over jobqueue.pbs / jobqueue.slurm")
+    group.add_argument("--cluster-config", type=Path, default=None, metavar="FILE",
+                       help="a Dask YAML config to use, e.g. cluster/jobqueue.yaml")
+    group.add_argument("--queue", default=None, help="queue / partition of the worker jobs")
+    group.add_argument("--account", default=None, help="account / project the jobs are charged to")
+    group.add_argument("--walltime", default=None, help="walltime of each job, e.g. 04:00:00 (workers retire before)")
+    group.add_argument("--cores", type=int, default=None, help="CPU cores per job")
+    group.add_argument("--memory", default=None, help="memory per job, e.g. 32GB")
+    group.add_argument("--gpus", type=int, default=None, help="GPUs per job (0: CPU-only jobs)")
+    group.add_argument("--tls-ca-file", default=None, help="your CA certificate (default: temporary certificates)")
+    group.add_argument("--tls-cert", default=None, help="your certificate, signed by the CA")
+    group.add_argument("--tls-key", default=None, help="its private key")
+    group.add_argument("--tls-dir", default=None, help="base folder of the private (0700) folder for the workers' "
+                       "copies of temporary certificates; compute nodes must see it (default ~/.cache/wsi-lymph/tls)")
+    group.add_argument("--no-tls", action="store_true", help="PBS/Slurm clusters talk plain TCP (anyone who "
+                       "reaches the scheduler's port can run code as you)")
+    group.add_argument("--dashboard", default=None, metavar="ADDRESS",
+                       help="where the dashboard listens (default localhost:8787; :0 = any free port, all interfaces)")
+
+
+def _cluster_kwargs(args: argparse.Namespace, *, default_jobs: int = 1) -> dict:
+    """Keyword arguments of :func:`wsi_lymph.cluster.dask_client` from the cluster options."""
+    from .cluster import JOB_OPTION_FLAGS
+
+    return dict(
+        workers=args.workers, scheduler=args.scheduler, cluster=args.cluster, jobs=args.jobs,
+        default_jobs=default_jobs, adaptive=args.adaptive, profile=args.profile, config_file=args.cluster_config,
+        job_options={key: getattr(args, key) for key in JOB_OPTION_FLAGS}, tls_ca_file=args.tls_ca_file,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_dir=args.tls_dir, secure=not args.no_tls,
+        dashboard_address=args.dashboard,
+    )
+
+
+def _cluster_kind(args: argparse.Namespace) -> str:
+    """local, pbs, slurm or address, as the cluster options (and a --cluster-config file) say."""
+    from .cluster import cluster_kind, dask_config_file
+
+    with dask_config_file(getattr(args, "cluster_config", None)):
+        return cluster_kind(getattr(args, "scheduler", None) or getattr(args, "cluster", None))
 
 
 def _add_probmap_options(parser: argparse.ArgumentParser) -> None:
@@ -50,10 +96,18 @@ def _run_batch(args: argparse.Namespace, command: str) -> int:
     if not slides:
         print(f"wsi-lymph {command}: no slides found in " + ", ".join(args.slides), file=sys.stderr)
         return 2
+    from .models import ModelError, load_model
+
+    try:
+        # Before any cluster starts: a missing or broken model is a one-line error, not a traceback.
+        load_model(args.model, source=args.model_source)
+    except ModelError as error:
+        print(f"wsi-lymph {command}: {error}", file=sys.stderr)
+        return 1
     workers = args.workers or default_workers()
     params = _probmap_params(args, workers)
     options = dict(model=args.model, mpp=args.mpp, params=params, model_source=args.model_source, force=args.force)
-    with dask_client(workers, args.scheduler, dashboard_address=args.dashboard) as client:
+    with dask_client(**_cluster_kwargs(args) | {"workers": workers}) as client:
         if command == "detect":
             from .detect import run_detect
 
@@ -91,7 +145,8 @@ def _probmap_params(args: argparse.Namespace, workers: int):
         skip_hematoxylin=not args.no_skip,
         region_level0=args.region,
         device=args.device,
-        torch_threads=None if args.scheduler else torch_threads_per_worker(workers),
+        # Workers of other clusters know their own cores (jobs set OMP_NUM_THREADS, see cluster/jobqueue.yaml).
+        torch_threads=torch_threads_per_worker(workers) if _cluster_kind(args) == "local" else None,
     )
 
 
@@ -110,7 +165,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 1
     args.region = args.region or DEMO_REGION_LEVEL0
     workers = args.workers or default_workers()
-    with dask_client(workers, args.scheduler, dashboard_address=args.dashboard) as client:
+    with dask_client(**_cluster_kwargs(args) | {"workers": workers}) as client:
         [result] = run_detect(
             client, [slide], args.out, model=args.model, params=_probmap_params(args, workers),
             model_source=args.model_source, force=args.force,
@@ -329,8 +384,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .cluster import ClusterError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ClusterError as error:  # bad cluster options or refused job submissions: a message, not a traceback
+        print(f"wsi-lymph {args.command}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

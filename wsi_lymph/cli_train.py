@@ -47,17 +47,20 @@ def _settings(args: argparse.Namespace):
 
 
 def _torch_threads(args: argparse.Namespace) -> int | None:
+    from .cli import _cluster_kind
     from .cluster import default_workers, torch_threads_per_worker
 
-    if getattr(args, "scheduler", None) or not hasattr(args, "workers"):
-        return None  # a remote cluster's workers know their own cores
+    if not hasattr(args, "workers") or _cluster_kind(args) != "local":
+        return None  # the workers of jobs and remote clusters know their own cores
     return torch_threads_per_worker(args.workers or default_workers())
 
 
-def _client(args: argparse.Namespace):
+def _client(args: argparse.Namespace, *, default_jobs: int = 1):
+    from .cli import _cluster_kwargs
     from .cluster import dask_client, default_workers
 
-    return dask_client(args.workers or default_workers(), args.scheduler, dashboard_address=args.dashboard)
+    return dask_client(**_cluster_kwargs(args, default_jobs=default_jobs) | {
+        "workers": args.workers or default_workers()})
 
 
 def cmd_dataset_check(args: argparse.Namespace) -> int:
@@ -122,7 +125,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
     from .dataset import DatasetError
 
     try:
-        with _client(args) as client:
+        with _client(args, default_jobs=args.folds) as client:  # one worker job per fold
             report = run_cv(client, args.dataset, args.out, _settings(args))
     except (DatasetError, ValueError) as error:
         print(f"wsi-lymph cv: {error}", file=sys.stderr)
