@@ -175,8 +175,7 @@ def check_train(work: Path) -> None:
         train_model(store, split[:3584], split[3584:], work / f"train-{device}", recipe="paper", arch="paper",
                     iterations=600, checkpoint_every=300, eval_every=300, seed=0, device=device, log=lambda _: None)
         seconds = time.perf_counter() - start
-        metrics = json.loads((work / f"train-{device}" / "metrics.json").read_text())
-        rows = metrics if isinstance(metrics, list) else metrics.get("rows", metrics)
+        rows = json.loads((work / f"train-{device}" / "metrics.json").read_text())["rows"]
         out[device] = dict(it_per_s=600 / seconds, first=rows[0], last=rows[-1])
     report("train", iterations=600, cpu_it_per_s=round(out["cpu"]["it_per_s"], 1),
            gpu_it_per_s=round(out["cuda"]["it_per_s"], 1),

@@ -36,6 +36,7 @@ import numpy as np
 import zarr
 from distributed import Client, Future, as_completed
 
+from .cluster import has_gpu_workers, worker_threads
 from .frame import ModelFrame, block_boxes, choose_frame
 from .hematoxylin import blocks_with_hematoxylin, stain_summary
 from .probmap import (
@@ -139,9 +140,9 @@ class _Batch:
         self.peak_options, self.force, self.progress, self.log = peaks, force, progress, log
         self.model_info = model_description(model, model_source)
         self.checkpoints = tuple(self.model_info["members"])
-        self.resources = {"GPU": 1} if _cluster_has_gpus(client) else None
+        self.resources = {"GPU": 1} if has_gpu_workers(client) else None
         self.max_slides = max_slides
-        self.max_blocks = max_blocks or max(32, 4 * _cluster_threads(client))
+        self.max_blocks = max_blocks or max(32, 4 * worker_threads(client))
         self.futures = as_completed()
         self.handlers: dict[int, tuple[Future, Callable[[Future], None]]] = {}
         self.open: list[_Slide] = []
@@ -480,13 +481,3 @@ def _unique(name: str, taken: set[str]) -> str:
         candidate, index = f"{name}-{index}", index + 1
     taken.add(candidate)
     return candidate
-
-
-def _cluster_has_gpus(client: Client) -> bool:
-    workers = client.scheduler_info(n_workers=-1).get("workers", {}).values()
-    return any(worker.get("resources", {}).get("GPU", 0) > 0 for worker in workers)
-
-
-def _cluster_threads(client: Client) -> int:
-    workers = client.scheduler_info(n_workers=-1).get("workers", {}).values()
-    return sum(worker.get("nthreads", 1) for worker in workers) or 1

@@ -9,11 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
-
-def _cluster_options(parser: argparse.ArgumentParser) -> None:
-    from .cli import _add_cluster_options
-
-    _add_cluster_options(parser)
+# Imported by cli.build_parser, so cli is fully loaded by then.
+from .cli import _add_cluster_options, _cluster_kind, _cluster_kwargs
 
 
 def _training_options(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +44,6 @@ def _settings(args: argparse.Namespace):
 
 
 def _torch_threads(args: argparse.Namespace) -> int | None:
-    from .cli import _cluster_kind
     from .cluster import default_workers, torch_threads_per_worker
 
     if not hasattr(args, "workers") or _cluster_kind(args) != "local":
@@ -56,7 +52,6 @@ def _torch_threads(args: argparse.Namespace) -> int | None:
 
 
 def _client(args: argparse.Namespace, *, default_jobs: int = 1):
-    from .cli import _cluster_kwargs
     from .cluster import dask_client, default_workers
 
     return dask_client(**_cluster_kwargs(args, default_jobs=default_jobs) | {
@@ -158,7 +153,7 @@ def add_training_commands(commands) -> None:
     patches.add_argument("--max-positive", type=int, default=2000, help="positive locations per image")
     patches.add_argument("--max-negative", type=int, default=4000, help="negative locations per image")
     patches.add_argument("--png", type=Path, default=None, help="also export PNGs with the paper's names here")
-    _cluster_options(patches)
+    _add_cluster_options(patches)
     patches.set_defaults(func=cmd_patches)
 
     folds = commands.add_parser("folds", help="split images (patients) into folds; the paper's list files")
@@ -185,5 +180,5 @@ def add_training_commands(commands) -> None:
     cv.add_argument("--max-positive", type=int, default=2000, help="positive patch locations per image")
     cv.add_argument("--max-negative", type=int, default=4000, help="negative patch locations per image")
     _training_options(cv)
-    _cluster_options(cv)
+    _add_cluster_options(cv)
     cv.set_defaults(func=cmd_cv)

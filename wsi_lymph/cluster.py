@@ -63,6 +63,18 @@ def torch_threads_per_worker(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
+def has_gpu_workers(client: Client) -> bool:
+    """Whether any worker advertises the abstract resource ``GPU`` (then GPU work asks for it)."""
+    workers = client.scheduler_info(n_workers=-1).get("workers", {}).values()
+    return any(worker.get("resources", {}).get("GPU", 0) > 0 for worker in workers)
+
+
+def worker_threads(client: Client) -> int:
+    """Threads of all connected workers together (at least 1)."""
+    workers = client.scheduler_info(n_workers=-1).get("workers", {}).values()
+    return sum(worker.get("nthreads", 1) for worker in workers) or 1
+
+
 def cluster_kind(target: str | None) -> str:
     """``"local"``, ``"pbs"``, ``"slurm"`` or ``"address"`` for a ``--cluster`` value (None: Dask config, local)."""
     target = target or dask.config.get("wsi-lymph.cluster.kind", None) or "local"

@@ -231,8 +231,7 @@ def run_fold(fold: Fold, dataset: str | os.PathLike, patches_zarr: str | os.Path
         entry[name] = {"threshold": float(threshold), "validation": _score_dict(val_score),
                        "test": _score_dict(test_score), "per_image": per_image}
     entry["model"] = str(_store_threshold(model_path, entry["network"]["threshold"]))
-    metrics = json.loads((out_dir / "metrics.json").read_text())
-    rows = metrics if isinstance(metrics, list) else metrics.get("rows", [])
+    rows = json.loads((out_dir / "metrics.json").read_text())["rows"]
     entry["training"] = {"final_metrics": rows[-1] if rows else None, "seconds": round(trained_s, 1)}
     entry["seconds"] = round(time.perf_counter() - started, 1)
     (out_dir / "fold_report.json").write_text(json.dumps(entry, indent=1))
@@ -262,9 +261,9 @@ def run_cv(client, dataset: str | os.PathLike, out_dir: str | os.PathLike, setti
     """
     from distributed import as_completed
 
-    from .batch import _cluster_has_gpus
+    from .cluster import has_gpu_workers
     from .dataset import read_dataset
-    from .outputs import write_json
+    from .outputs import write_atomic, write_json
     from .patches import extract_patches
 
     settings = settings or CVSettings()
@@ -288,7 +287,7 @@ def run_cv(client, dataset: str | os.PathLike, out_dir: str | os.PathLike, setti
     else:
         folds = make_folds(ids, settings.n_folds, settings.seed)
         write_folds(folds, patches_zarr, out_dir / "folds", seed=settings.seed)
-    resources = {"GPU": 1} if _cluster_has_gpus(client) else None
+    resources = {"GPU": 1} if has_gpu_workers(client) else None
     token = f"{abs(hash((str(out_dir.resolve()), time.time()))):x}"[:12]
     futures = {
         client.submit(run_fold, fold, str(Path(dataset).resolve()), str(patches_zarr.resolve()),
@@ -313,8 +312,6 @@ def run_cv(client, dataset: str | os.PathLike, out_dir: str | os.PathLike, setti
         "seconds": round(time.perf_counter() - started, 1),
     }
     write_json(out_dir / "cv_report.json", report)
-    from .outputs import write_atomic
-
     write_atomic(out_dir / "cv_report.md", markdown_report(report).encode())
     return report
 

@@ -76,6 +76,7 @@ from torch.nn import functional as F
 from wsi_lymph.caffe import ARCH, CHECKPOINT_FORMAT, MEAN_SHAPE, PAPER_THRESHOLD, save_checkpoint_atomic
 from wsi_lymph.network import DENSE_ARCH, PATCH_PX, DensePatchNet, PatchNet
 from wsi_lymph.outputs import write_atomic
+from wsi_lymph.patches import mean_image_bgr
 
 RECIPES = ("paper", "modern")
 ARCHS = ("paper", "dense")
@@ -119,31 +120,6 @@ def _read_rows(array: Any, indices: np.ndarray) -> np.ndarray:
         take = order[start : start + _READ_BATCH]
         out[take] = array.oindex[indices[take]]
     return out
-
-
-def _fallback_mean_image_bgr(patches_rgb: np.ndarray) -> np.ndarray:
-    """Mean image (3, 32, 32) float32 BGR 0-255 of (N, 32, 32, 3) uint8 RGB patches (float64 sums)."""
-    total = np.zeros((PATCH_PX, PATCH_PX, 3), dtype=np.float64)
-    for start in range(0, len(patches_rgb), _READ_BATCH):
-        total += patches_rgb[start : start + _READ_BATCH].sum(axis=0, dtype=np.float64)
-    mean_rgb = total / max(len(patches_rgb), 1)
-    return np.ascontiguousarray(mean_rgb[:, :, ::-1].transpose(2, 0, 1)).astype(np.float32)
-
-
-def mean_image_bgr(patches_rgb: np.ndarray) -> np.ndarray:
-    """The fold's mean image: (3, 32, 32) float32, BGR, 0-255, of (N, 32, 32, 3) uint8 RGB patches.
-
-    Uses :func:`wsi_lymph.patches.mean_image_bgr` (the patch extractor's
-    definition) when that module is available.
-    """
-    try:
-        from wsi_lymph.patches import mean_image_bgr as extractor_mean
-    except ImportError:  # patches.py not there yet: same contract, implemented here
-        extractor_mean = _fallback_mean_image_bgr
-    mean = np.asarray(extractor_mean(patches_rgb), dtype=np.float32)
-    if mean.shape != MEAN_SHAPE:
-        raise TrainingError(f"mean image has shape {mean.shape}, expected {MEAN_SHAPE}")
-    return mean
 
 
 def channel_std_bgr(patches_rgb: np.ndarray, mean_bgr: np.ndarray) -> np.ndarray:
