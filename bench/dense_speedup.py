@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-from wsi_lymph.network import (
+from wsi_lymph.models.networks import (
     DENSE_FLOPS_PER_PATCH,
     DENSE_FLOPS_PER_PIXEL,
     FLOPS_PER_PATCH,

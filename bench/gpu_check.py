@@ -59,8 +59,8 @@ def timed(fn, repeat: int = 3):
 
 def crop_window(data: Path, size: int) -> np.ndarray:
     """A (size+31)² BGR 0-255 model-frame window of the first annotated crop (20x, upscaled 4x)."""
-    from wsi_lymph.frame import choose_frame, patch_rows, read_frame_window, stride_grid
-    from wsi_lymph.slide import open_slide
+    from wsi_lymph.slides.frame import choose_frame, patch_rows, read_frame_window, stride_grid
+    from wsi_lymph.slides.reader import open_slide
 
     info = open_slide(data / "lymph-centers" / "example_1.tif", mpp=0.5)
     frame = choose_frame(info)
@@ -69,8 +69,8 @@ def crop_window(data: Path, size: int) -> np.ndarray:
 
 
 def check_patch(data: Path) -> None:
-    from wsi_lymph.models import load_model
-    from wsi_lymph.network import patch_grid_probabilities
+    from wsi_lymph.models.networks import patch_grid_probabilities
+    from wsi_lymph.models.registry import load_model
 
     window = crop_window(data, 96)
     members = {dev: load_model("janowczyk2016/fold1", dev).members for dev in ("cpu", "cuda")}
@@ -89,7 +89,7 @@ def check_patch(data: Path) -> None:
 
 
 def check_dense(data: Path) -> None:
-    from wsi_lymph.network import DensePatchNet, dense_probabilities, patch_grid_probabilities
+    from wsi_lymph.models.networks import DensePatchNet, dense_probabilities, patch_grid_probabilities
 
     torch.manual_seed(0)
     net = DensePatchNet((40.0, 45.0, 35.0))
@@ -117,8 +117,8 @@ def check_detect(data: Path, work: Path) -> None:
     import zarr
     from distributed import Client, LocalCluster
 
-    from wsi_lymph.detect import run_detect
-    from wsi_lymph.probmap import ProbmapParams
+    from wsi_lymph.engine.batch import run_detect
+    from wsi_lymph.engine.params import ProbmapParams
 
     slide = data / "cmu-1-small-region.svs"
     outcome = {}
@@ -150,7 +150,7 @@ def check_detect(data: Path, work: Path) -> None:
 def check_train(work: Path) -> None:
     import zarr
 
-    from wsi_lymph.train import train_model
+    from wsi_lymph.training.train import train_model
 
     # A separable toy set: a dark disk at the patch centre (1) or off-centre (0), with noise.
     rng = np.random.default_rng(0)

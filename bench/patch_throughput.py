@@ -35,14 +35,14 @@ SHARED = REPO.parent / "shared" / "data"
 
 def _models() -> list[str]:
     os.environ.setdefault("WSI_LYMPH_MODEL_SOURCE", str(SHARED / "models" / "janowczyk2016-lymphocyte"))
-    from wsi_lymph.models import resolve_model
+    from wsi_lymph.models.registry import resolve_model
 
     return [str(p) for p in resolve_model("janowczyk2016/fold1")]
 
 
 def bare_forward(checkpoint: str, patches: int, batch: int, channels_last: bool) -> float:
-    from wsi_lymph.models import load_checkpoint
-    from wsi_lymph.network import patch_probabilities
+    from wsi_lymph.models.checkpoints import load_checkpoint
+    from wsi_lymph.models.networks import patch_probabilities
 
     net, mean, _ = load_checkpoint(checkpoint)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -63,8 +63,8 @@ def tutorial_loop(checkpoint: str, rows: int, width: int) -> float:
     The batch is made C-contiguous NCHW like a Caffe blob (``np.stack`` of transposed HWC views would
     otherwise keep the HWC memory order, i.e. torch's faster channels_last layout).
     """
-    from wsi_lymph.models import load_checkpoint
-    from wsi_lymph.network import patch_probabilities
+    from wsi_lymph.models.checkpoints import load_checkpoint
+    from wsi_lymph.models.networks import patch_probabilities
 
     net, mean, _ = load_checkpoint(checkpoint)
     image = np.random.default_rng(0).uniform(0, 255, (rows + 32, width + 32, 3)).astype(np.float32)
@@ -79,14 +79,15 @@ def tutorial_loop(checkpoint: str, rows: int, width: int) -> float:
 
 def engine(region_px: int, workers: int) -> dict[str, tuple[float, int]]:
     """Engine throughput on a fresh worker (model load included) and on the same worker again (warm)."""
-    from wsi_lymph.cluster import dask_client, torch_threads_per_worker
-    from wsi_lymph.probmap import ProbmapParams, run_probmaps
+    from wsi_lymph.engine.batch import run_probmaps
+    from wsi_lymph.engine.cluster import dask_client, torch_threads_per_worker
+    from wsi_lymph.engine.params import ProbmapParams
 
     slide = SHARED / "slides" / "cmu-1-small-region.svs"
     rates = {}
     with dask_client(workers, dashboard_address=":0", quiet=True) as client, tempfile.TemporaryDirectory() as out:
         client.wait_for_workers(workers)
-        client.run(lambda: __import__("wsi_lymph.probmap"))  # imports are not part of the measurement
+        client.run(lambda: __import__("wsi_lymph.detection.inference"))  # imports are not part of the measurement
         for label, x0 in (("engine_cold", 1000), ("engine_warm", 1000 + region_px // 4)):
             params = ProbmapParams(
                 stride_px=1, chunk_px=256, block_px=256, skip_hematoxylin=False,

@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import re
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pooch
 import pytest
 import torch
 
-from wsi_lymph import caffe, models
-from wsi_lymph.caffe import (
+from wsi_lymph.cache import CACHE_ENV
+from wsi_lymph.models import caffe
+from wsi_lymph.models import registry as models
+from wsi_lymph.models.caffe import (
     CaffeImportError,
     caffe_to_state_dict,
     import_caffe,
     read_binaryproto,
     read_caffemodel,
 )
-from wsi_lymph.models import ModelError
-from wsi_lymph.network import PatchNet
+from wsi_lymph.models.checkpoints import ModelError
+from wsi_lymph.models.networks import PatchNet
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 RELEASED = DATA / "models" / "janowczyk2016-lymphocyte"
@@ -53,7 +60,7 @@ def fetched_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache populated once from the local copy of the released files."""
     cache = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(models.CACHE_ENV, str(cache))
+        mp.setenv(CACHE_ENV, str(cache))
         mp.delenv(models.SOURCE_ENV, raising=False)
         models.fetch_janowczyk2016(RELEASED.as_uri())
     return cache
@@ -61,7 +68,7 @@ def fetched_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def use_cache(fetched_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv(models.CACHE_ENV, str(fetched_cache))
+    monkeypatch.setenv(CACHE_ENV, str(fetched_cache))
     monkeypatch.delenv(models.SOURCE_ENV, raising=False)
     return fetched_cache
 
@@ -69,7 +76,7 @@ def use_cache(fetched_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def empty_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache = tmp_path / "cache"
-    monkeypatch.setenv(models.CACHE_ENV, str(cache))
+    monkeypatch.setenv(CACHE_ENV, str(cache))
     monkeypatch.delenv(models.SOURCE_ENV, raising=False)
     return cache
 
@@ -80,7 +87,7 @@ def empty_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_known_hashes_match_readme() -> None:
     assert readme_hashes() == models.JANOWCZYK2016_SHA256
     for name, digest in readme_hashes().items():
-        assert models.file_sha256(RELEASED / name) == digest
+        assert pooch.file_hash(str(RELEASED / name)) == digest
 
 
 def test_read_released_files() -> None:
@@ -228,9 +235,10 @@ def test_wrong_mean_shape(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- fetching and the cache
 
 
-def test_fetch_from_file_url(empty_cache: Path) -> None:
+def test_fetch_from_file_url(empty_cache: Path, capfd: pytest.CaptureFixture[str]) -> None:
     messages: list[str] = []
     paths = models.fetch_janowczyk2016(RELEASED.as_uri(), progress=messages.append)
+    assert capfd.readouterr() == ("", "")  # progress goes to the callback only, pooch's own log is silenced
     assert paths == [empty_cache / "models" / "janowczyk2016" / f"fold{k}.pt" for k in FOLDS]
     assert all(p.is_file() for p in paths)
     assert sum(m.startswith("downloading ") for m in messages) == 10
@@ -253,6 +261,59 @@ def test_fetch_from_env_source_plain_folder(empty_cache: Path, monkeypatch: pyte
     assert paths == [empty_cache / "models" / "janowczyk2016" / "fold4.pt"]
     assert paths[0].is_file()
     assert any(RELEASED.as_uri() in m for m in messages)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def http_mirror() -> Iterator[str]:
+    """A real HTTP server on localhost serving the released files; yields its base URL."""
+    handler = functools.partial(_QuietHandler, directory=str(RELEASED))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_fetch_over_http(empty_cache: Path, http_mirror: str) -> None:
+    messages: list[str] = []
+    paths = models.fetch_janowczyk2016(http_mirror, progress=messages.append, folds=[3])
+    assert messages[:2] == [f"downloading {http_mirror}/{models.caffemodel_filename(3)}",
+                            f"downloading {http_mirror}/{models.mean_filename(3)}"]
+    assert torch.load(paths[0], weights_only=True)["meta"]["fold"] == 3
+    with pytest.raises(ModelError, match=r"could not download .*404") as err:
+        models.fetch_janowczyk2016(f"{http_mirror}/no-such-folder", folds=[1])
+    assert "WSI_LYMPH_MODEL_SOURCE" in str(err.value)
+    downloads = empty_cache / "downloads" / "janowczyk2016"
+    # Nothing of the failed fold is left behind.
+    assert sorted(p.name for p in downloads.iterdir()) == [models.caffemodel_filename(3), models.mean_filename(3)]
+
+
+def test_corrupt_download_is_fetched_again(empty_cache: Path) -> None:
+    models.fetch_janowczyk2016(str(RELEASED), folds=[2])
+    cached = empty_cache / "downloads" / "janowczyk2016" / models.caffemodel_filename(2)
+    cached.write_bytes(b"damaged")
+    models.janowczyk2016_checkpoint(2).unlink()
+    messages: list[str] = []
+    models.fetch_janowczyk2016(str(RELEASED), folds=[2], progress=messages.append)
+    # Only the damaged file is transferred again; the intact mean file is reused.
+    assert [m for m in messages if m.startswith("downloading ")] == [
+        f"downloading {RELEASED.as_uri()}/{models.caffemodel_filename(2)}"
+    ]
+    assert pooch.file_hash(str(cached)) == models.JANOWCZYK2016_SHA256[cached.name]
+    assert models.janowczyk2016_checkpoint(2).is_file()
+
+    messages.clear()
+    models.fetch_janowczyk2016(str(RELEASED), folds=[2], progress=messages.append, force=True)
+    assert sum(m.startswith("downloading ") for m in messages) == 2  # force fetches both files again
 
 
 def test_source_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -327,7 +388,7 @@ def test_load_ensemble(use_cache: Path) -> None:
     assert model.meta["fold"] is None
     assert model.meta["member_names"] == [f"janowczyk2016/fold{k}" for k in FOLDS]
     assert model.meta["member_sha256"] == [
-        models.file_sha256(models.janowczyk2016_checkpoint(k)) for k in FOLDS
+        pooch.file_hash(str(models.janowczyk2016_checkpoint(k))) for k in FOLDS
     ]
     assert model.meta["model_id"].startswith("janowczyk2016@")
     single = models.load_model("janowczyk2016/fold2", fetch_missing=False)

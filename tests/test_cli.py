@@ -48,6 +48,9 @@ def test_models_fetch_and_import_caffe(tmp_path):
 
 
 def test_demo_fetches_the_sample_slide_and_detects(tmp_path):
+    import csv
+    import json
+
     from conftest import DATA
 
     env = os.environ.copy() | {
@@ -60,8 +63,16 @@ def test_demo_fetches_the_sample_slide_and_detects(tmp_path):
                env=env)
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "cache" / "data" / "CMU-1-Small-Region.svs").stat().st_size == 1_938_955
-    summary = (out / "CMU-1-Small-Region" / "summary.json").read_text()
-    assert '"count"' in summary and (out / "CMU-1-Small-Region" / "centers.geojson").is_file()
+    slide_dir = out / "CMU-1-Small-Region"
+    summary = json.loads((slide_dir / "summary.json").read_text())
+    with open(slide_dir / "centers.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    features = json.loads((slide_dir / "centers.geojson").read_text())["features"]
+    # This 100 x 100 µm region of CMU-1 holds lymphocytes; the count, the table and the GeoJSON agree.
+    assert summary["count"] == len(rows) == len(features) > 0
+    assert {"centers.csv", "centers.geojson", "summary.json", "prob.zarr"} <= set(summary["outputs"])
+    for name in summary["outputs"]:
+        assert (slide_dir / name).exists(), name
 
     env["WSI_LYMPH_CACHE"] = str(tmp_path / "other-cache")
     env["WSI_LYMPH_DATA_SOURCE"] = (tmp_path / "empty").as_uri()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -22,7 +23,8 @@ from conftest import CROPS, REPO
 from distributed import Client
 from distributed.security import Security
 
-from wsi_lymph.cluster import (
+from wsi_lymph.engine.cluster import (
+    CLUSTER_KINDS,
     ClusterError,
     cluster_kind,
     dask_client,
@@ -100,6 +102,30 @@ def test_flags_override_the_profile_and_keep_the_lifetime_inside_the_walltime(tm
     assert cluster_kind("tls://10.0.0.1:8786") == "address" and cluster_kind(None) == "local"
 
 
+def test_each_schedulers_table_entry_reads_its_status_tool_and_walltimes():
+    """qstat rows as PBS prints them (no PBS here; Slurm's squeue runs for real in test_slurm.py)."""
+    pbs, slurm = CLUSTER_KINDS["pbs"], CLUSTER_KINDS["slurm"]
+    ids = ["12.pbs-server", "13.pbs-server", "14.pbs-server"]
+    assert [pbs.status_tool, *pbs.status_args(ids)] == ["qstat", *ids]
+    qstat = subprocess.CompletedProcess(["qstat", *ids], 153, stdout=(
+        "Job id            Name             User              Time Use S Queue\n"
+        "----------------  ---------------- ----------------  -------- - -----\n"
+        "12.pbs-server     wsi-lymph        me                00:00:01 R gpu\n"
+        "13.pbs-server     wsi-lymph        me                00:00:00 F gpu\n"),
+        stderr="qstat: Unknown Job Id 14.pbs-server\n")
+    assert pbs.parse_status(ids, qstat) == {"12.pbs-server"}  # 13 finished (F), 14 left the history
+    unreachable = subprocess.CompletedProcess(["qstat"], 1, stdout="", stderr="qstat: cannot connect to server")
+    assert pbs.parse_status(ids, unreachable) is None  # cannot say: the driver keeps waiting
+    gone = subprocess.CompletedProcess(["squeue"], 1, "", "slurm_load_jobs error: Invalid job id specified")
+    assert slurm.parse_status(["7"], gone) == set()
+    assert [walltime_seconds("30", kind) for kind in ("pbs", "slurm")] == [30, 1800]
+    assert [walltime_seconds("01:30", kind) for kind in ("pbs", "slurm")] == [90, 90]
+    assert walltime_seconds("2-03", "slurm") == 2 * 86400 + 3 * 3600 and walltime_seconds("4:00:00:00", "pbs") is None
+    assert all(cluster_kind(name) == name for name in CLUSTER_KINDS)
+    with pytest.raises(ClusterError, match="no job scheduler 'lsf'; known: pbs, slurm"):
+        resolve_job_options("lsf")
+
+
 def test_scheduler_refuses_clients_without_the_clusters_certificates(tmp_path):
     with jobqueue_cluster("slurm", overrides=dict(cores=1, memory="1GB"), tls_dir=tmp_path / "tls",
                           dashboard_address="localhost:0") as cluster:
@@ -123,10 +149,10 @@ def test_scheduler_refuses_clients_without_the_clusters_certificates(tmp_path):
 
 def test_dashboard_answers_during_a_run_and_names_the_stages(model_cache, tmp_path, capsys):
     """detect and cv on a fresh local cluster: /status answers during the run, the task prefixes are the stages."""
-    from wsi_lymph.cv import CVSettings, run_cv
-    from wsi_lymph.detect import run_detect
-    from wsi_lymph.probmap import ProbmapParams
-    from wsi_lymph.synthetic import make_synthetic_dataset
+    from wsi_lymph.engine.batch import run_detect
+    from wsi_lymph.engine.params import ProbmapParams
+    from wsi_lymph.training.cv import CVSettings, run_cv
+    from wsi_lymph.training.synthetic import make_synthetic_dataset
 
     make_synthetic_dataset(tmp_path / "data", n_images=4, seed=3)
     template = "{scheme}://{host}:{port}/status?link=from-config"

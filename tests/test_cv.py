@@ -11,9 +11,9 @@ import numpy as np
 import tifffile
 from conftest import CROPS
 
-from wsi_lymph.dataset import read_dataset
-from wsi_lymph.models import load_model
-from wsi_lymph.synthetic import make_synthetic_dataset
+from wsi_lymph.models.registry import load_model
+from wsi_lymph.training.dataset import read_dataset
+from wsi_lymph.training.synthetic import make_synthetic_dataset
 
 
 def _cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -45,7 +45,7 @@ def test_cv_runs_five_folds_by_image_and_beats_the_baseline(tmp_path):
         assert (out / "folds" / f"fold{fold['fold']}_mean_bgr.npy").is_file()
     network, baseline = report["pooled"]["network"], report["pooled"]["baseline"]
     # Pooled counts are the sums over the folds' test images.
-    assert network["tp"] + network["fn"] == sum(len(i.centers_rc) for i in read_dataset(data))
+    assert network["true_positives"] + network["false_negatives"] == sum(len(i.centers_rc) for i in read_dataset(data))
     print(f"pooled F: network {network['f_score']:.3f}, hematoxylin-blob baseline {baseline['f_score']:.3f}")
     assert network["f_score"] > baseline["f_score"]
     assert network["f_score"] >= 0.8
@@ -54,7 +54,10 @@ def test_cv_runs_five_folds_by_image_and_beats_the_baseline(tmp_path):
 
 
 def test_image_probabilities_equal_the_slide_engine(client, tmp_path):
-    from wsi_lymph.probmap import ProbmapParams, image_probabilities, open_probmap, run_probmaps
+    from wsi_lymph.detection.inference import image_probabilities
+    from wsi_lymph.engine.batch import run_probmaps
+    from wsi_lymph.engine.params import ProbmapParams
+    from wsi_lymph.io.probmap_store import open_probmap
 
     crop = CROPS / "example_2.tif"
     params = ProbmapParams(stride_px=4, chunk_px=128, block_px=128, dtype="float32", torch_threads=1)
@@ -86,11 +89,14 @@ def test_engine_evaluates_a_dense_model_fully_convolutionally(client, tmp_path):
     import torch
     from test_dense import _meta, channel_mean_image, random_dense_net
 
-    from wsi_lymph.caffe import save_checkpoint_atomic
-    from wsi_lymph.frame import choose_frame, patch_rows, read_frame_window
-    from wsi_lymph.network import DENSE_ARCH, patch_grid_probabilities
-    from wsi_lymph.probmap import ProbmapParams, open_probmap, run_probmaps
-    from wsi_lymph.slide import open_slide
+    from wsi_lymph.engine.batch import run_probmaps
+    from wsi_lymph.engine.params import ProbmapParams
+    from wsi_lymph.io.probmap_store import open_probmap
+    from wsi_lymph.models.architectures import DENSE_ARCH
+    from wsi_lymph.models.checkpoints import save_checkpoint_atomic
+    from wsi_lymph.models.networks import patch_grid_probabilities
+    from wsi_lymph.slides.frame import choose_frame, patch_rows, read_frame_window
+    from wsi_lymph.slides.reader import open_slide
 
     net, mean = random_dense_net(3), channel_mean_image()
     meta = _meta(DENSE_ARCH, "dense-test") | {"source_scan_mpp": 0.5}

@@ -10,7 +10,7 @@ import tifffile
 from conftest import CROPS
 from PIL import Image
 
-from wsi_lymph.dataset import (
+from wsi_lymph.training.dataset import (
     AnnotatedImage,
     DatasetError,
     center_mask,
@@ -245,8 +245,8 @@ def test_center_mask_and_write_arguments(tmp_path):
 
 
 def test_evaluate_read_points_agrees_on_the_real_seeds():
-    """``wsi_lymph.evaluate.read_points`` gives (x, y); the data set (row, col) of the same pixels."""
-    from wsi_lymph.evaluate import read_points
+    """``wsi_lymph.detection.evaluate.read_points`` gives (x, y); the data set (row, col) of the same pixels."""
+    from wsi_lymph.detection.evaluate import read_points
 
     for image in read_dataset(CROPS):
         np.testing.assert_array_equal(read_points(image.annotation_path), image.centers_rc[:, ::-1].astype(float))

@@ -9,21 +9,21 @@ import pytest
 import tifffile
 import torch
 
-from wsi_lymph.caffe import ARCH, CHECKPOINT_FORMAT, save_checkpoint_atomic
-from wsi_lymph.models import ModelError, load_checkpoint, load_model
-from wsi_lymph.network import (
-    DENSE_ARCH,
+from wsi_lymph.constants import PATCH_PX
+from wsi_lymph.models.architectures import DENSE_ARCH, PAPER_ARCH
+from wsi_lymph.models.checkpoints import CHECKPOINT_FORMAT, ModelError, load_checkpoint, save_checkpoint_atomic
+from wsi_lymph.models.networks import (
     DENSE_FLOPS_PER_PATCH,
     DENSE_FLOPS_PER_PIXEL,
     FLOPS_PER_PATCH,
-    PATCH_PX,
     DensePatchNet,
     PatchNet,
     dense_probabilities,
     patch_grid_probabilities,
     patch_probabilities,
 )
-from wsi_lymph.resample import resize_window
+from wsi_lymph.models.registry import load_model
+from wsi_lymph.slides.resample import resize_window
 
 CROPS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lymph-centers"
 MEAN_BGR = (150.0, 120.0, 170.0)
@@ -157,7 +157,7 @@ def _meta(arch: str, name: str) -> dict:
     }
 
 
-@pytest.mark.parametrize("arch", [ARCH, DENSE_ARCH])
+@pytest.mark.parametrize("arch", [PAPER_ARCH, DENSE_ARCH])
 def test_checkpoint_round_trip(tmp_path, members, arch):
     if arch == DENSE_ARCH:
         net, mean = members[0]
@@ -197,6 +197,7 @@ def test_load_checkpoint_rejects_bad_dense_and_unknown_arch(tmp_path, members):
         load_checkpoint(unknown)
     # Dense weights under the paper's arch string do not fit PatchNet.
     mislabelled = tmp_path / "mislabelled.pt"
-    save_checkpoint_atomic({"state_dict": net.state_dict(), "mean_bgr": mean, "meta": _meta(ARCH, "x")}, mislabelled)
+    checkpoint = {"state_dict": net.state_dict(), "mean_bgr": mean, "meta": _meta(PAPER_ARCH, "x")}
+    save_checkpoint_atomic(checkpoint, mislabelled)
     with pytest.raises(ModelError, match="do not fit"):
         load_checkpoint(mislabelled)

@@ -4,21 +4,35 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
 
+import dask
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import CROPS, crop_centers
+import tifffile
+from conftest import CROPS, SLIDES, crop_centers
+from scipy import ndimage
 
-from wsi_lymph.evaluate import match_points
-from wsi_lymph.probmap import ProbmapParams
+from wsi_lymph.constants import CLEAR_RADIUS_PX
+from wsi_lymph.detection.evaluate import match_points, read_points, read_scores, threshold_sweep
+from wsi_lymph.detection.hematoxylin import stain_summary
+from wsi_lymph.detection.peaks import detect_centers, greedy_peaks, linking_reach_px, smooth_probability
+from wsi_lymph.engine.batch import map_attributes, model_description, run_detect
+from wsi_lymph.engine.centres import plan_peaks
+from wsi_lymph.engine.params import ProbmapParams, SlideResult
+from wsi_lymph.io.outputs import write_json
+from wsi_lymph.io.probmap_store import computed_blocks_attr, create_partial_store, write_block
+from wsi_lymph.slides.frame import block_boxes, choose_frame, frame_region
+from wsi_lymph.slides.reader import open_slide
 
 FOLD = "janowczyk2016/fold1"
 
 
 def test_detect_writes_outputs_that_read_back(client, tmp_path):
-    from wsi_lymph.detect import run_detect
-
     slides = [CROPS / f"example_{i}.tif" for i in (1, 2, 3)] + [CROPS / "missing.tif"]
     params = ProbmapParams(stride_px=4, chunk_px=128, block_px=128, torch_threads=1)
     results = run_detect(client, slides, tmp_path, model=FOLD, mpp=0.5, params=params, progress=False)
@@ -77,13 +91,6 @@ def test_detect_writes_outputs_that_read_back(client, tmp_path):
 
 def test_ensemble_on_the_annotated_crops_and_evaluate_cli(client, tmp_path):
     """The five folds as an ensemble; ``wsi-lymph evaluate`` scores it and sweeps the threshold."""
-    import os
-    import subprocess
-    import sys
-
-    from wsi_lymph.detect import run_detect
-    from wsi_lymph.evaluate import read_points, read_scores, threshold_sweep
-
     slides = [CROPS / f"example_{i}.tif" for i in (1, 2, 3)]
     params = ProbmapParams(stride_px=4, chunk_px=128, block_px=128, torch_threads=1)
     # Detected at a low threshold: the greedy takes centres in decreasing order, so any higher
@@ -113,12 +120,6 @@ def test_ensemble_on_the_annotated_crops_and_evaluate_cli(client, tmp_path):
 
 
 def test_detect_over_the_shared_slides_folder(model_cache, tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    from conftest import SLIDES
-
     out = tmp_path / "out"
     run = subprocess.run(
         [sys.executable, "-m", "wsi_lymph.cli", "detect", str(SLIDES), "--out", str(out), "--mpp", "0.5",
@@ -149,14 +150,120 @@ def test_detect_over_the_shared_slides_folder(model_cache, tmp_path):
 
 def _stain_summary_alone(path: str, region_level0: tuple[int, int, int, int]):
     """The stain summary of one slide region, computed in-process (synchronous scheduler)."""
-    import dask
-
-    from wsi_lymph.frame import choose_frame
-    from wsi_lymph.hematoxylin import stain_summary
-    from wsi_lymph.probmap import frame_region
-    from wsi_lymph.slide import open_slide
-
     info = open_slide(path, mpp=0.5)
     frame = choose_frame(info)
     parts, assemble = stain_summary(info, frame, frame_region(frame, region_level0))
     return assemble(*dask.compute(*parts, scheduler="sync"))
+
+
+# ------------------------------------------------------------------ the peak stage of `wsi-lymph detect`
+PEAK_BLOCK_PX = 64  # peak blocks of 2 x 2 map chunks of 32 px: 4 x 4 blocks on the 200 x 200 map below
+
+
+def _chains_map(shape=(200, 200), seed=0) -> np.ndarray:
+    """Chains of blobs spaced under the clearing radius, across the borders and corners of 64-px blocks."""
+    chains = [
+        [(20, 10 + 26 * k) for k in range(8)],  # along row 20, across the column borders 64, 128, 192
+        [(60 + 26 * k, 30) for k in range(6)],  # down column 30, across the row borders 64, 128 (and near 192)
+        [(128 + 13 * k, 128 + 13 * k) for k in range(-3, 4)],  # diagonally through the corner (128, 128)
+        [(192, 128)],  # alone on the corner of four blocks, two of them 8 px thin
+    ]
+    rows, cols = np.mgrid[: shape[0], : shape[1]]
+    prob = np.zeros(shape)
+    for chain in chains:
+        # Decreasing along each chain, so the suppression alternates along it.
+        for (r, c), value in zip(chain, np.linspace(0.99, 0.92, len(chain)), strict=True):
+            prob = np.maximum(prob, value * np.exp(-((rows - r) ** 2 + (cols - c) ** 2) / (2 * 9.0**2)))
+    prob += np.random.default_rng(seed).uniform(0, 0.02, shape)  # many nearby candidates, no exact ties
+    return np.clip(prob, 0, 1).astype(np.float32)
+
+
+def _place_complete_map(slide_path, out_dir, prob: np.ndarray, params: ProbmapParams) -> dict:
+    """Leave ``OUT/<slide>/prob.zarr`` + ``probmap.json`` as a finished ``wsi-lymph probmap`` run does.
+
+    The map's attributes are the batch's own for this slide and model; its values are ``prob``.
+    """
+    model = model_description(FOLD)
+    info = open_slide(slide_path, mpp=0.5)
+    frame = choose_frame(info, model["model_mpp"], model["source_scan_mpp"])
+    box = frame_region(frame, None)
+    origin_rc = (box[0], box[2])
+    assert (box[1] - box[0], box[3] - box[2]) == prob.shape
+    boxes = block_boxes(prob.shape, params.block_px)
+    attributes = map_attributes(info, frame, origin_rc, model, params)
+    attributes["wsi_lymph"]["computed_blocks"] = computed_blocks_attr(
+        boxes, np.ones(len(boxes), dtype=bool), origin_rc, params.block_px
+    )
+    folder = out_dir / slide_path.stem
+    create_partial_store(folder / "prob.zarr", boxes, origin_rc, params.chunk_px, params.dtype, attributes)
+    write_block(folder / "prob.zarr", box, origin_rc, prob, params.dtype)
+    result = SlideResult(path=str(slide_path), name=slide_path.stem, blocks_total=len(boxes),
+                         output=str(folder / "prob.zarr"))
+    write_json(folder / "probmap.json", asdict(result) | {"status": "done", "skipped_fraction": 0.0})
+    return attributes["wsi_lymph"]
+
+
+def _block_sets(mask: np.ndarray, chunks) -> list[set[tuple[int, int]]]:
+    """For each 8-connected component of ``mask``, the set of blocks (of ``chunks``) its pixels lie in."""
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    block_row = np.repeat(np.arange(len(chunks[0])), chunks[0])
+    block_col = np.repeat(np.arange(len(chunks[1])), chunks[1])
+    rows, cols = np.nonzero(labels)
+    blocks = [set() for _ in range(count)]
+    for label, i, j in zip(labels[rows, cols], block_row[rows], block_col[cols], strict=True):
+        blocks[label - 1].add((int(i), int(j)))
+    return blocks
+
+
+def test_detect_peak_stage_equals_one_global_greedy_pass(client, tmp_path):
+    """`wsi-lymph detect`'s own peak stage on a map of 4 x 4 peak blocks == one global greedy pass.
+
+    ``run_detect`` on a real slide file whose map is already complete (as an interrupted
+    ``detect`` or an earlier ``probmap`` leaves it) runs exactly the peak stage and the outputs.
+    """
+    slide_path = tmp_path / "slides" / "chains.tif"
+    slide_path.parent.mkdir()
+    # A 50 x 50 px slide at 0.5 µm/px: a 200 x 200 model-frame map (4x).
+    tifffile.imwrite(slide_path, np.random.default_rng(1).integers(0, 256, (50, 50, 3), dtype=np.uint8),
+                     photometric="rgb")
+    params = ProbmapParams(chunk_px=32, block_px=32, dtype="float32", torch_threads=1)
+    prob = _chains_map()
+    attrs = _place_complete_map(slide_path, tmp_path / "out", prob, params)
+
+    [result] = run_detect(client, [slide_path], tmp_path / "out", model=FOLD, mpp=0.5, params=params,
+                          peak_block_px=PEAK_BLOCK_PX, progress=False)
+    assert result.status == "done" and result.reused, result.reason
+    assert {"peaks", "write"} <= set(result.seconds)
+
+    # The map really spans >= 3 x 3 peak blocks, every one of them computed.
+    graph = plan_peaks(tmp_path / "out" / "chains" / "prob.zarr", peak_block_px=PEAK_BLOCK_PX).graph
+    assert graph.chunks == ((64, 64, 64, 8), (64, 64, 64, 8)) and len(graph.blocks) == 16
+    # The components of linked candidates cross block edges and corners (the test is not vacuous).
+    threshold = attrs["model"]["threshold"]
+    smoothed = smooth_probability(prob)
+    reach = linking_reach_px(CLEAR_RADIUS_PX)
+    disk = np.hypot(*np.mgrid[-reach : reach + 1, -reach : reach + 1]) <= reach
+    linked = ndimage.binary_dilation(smoothed > threshold, structure=disk)
+    spans = _block_sets(linked, graph.chunks)
+    assert any(len({j for _, j in blocks}) >= 3 for blocks in spans)  # across >= 2 column borders
+    assert any(len({i for i, _ in blocks}) >= 3 for blocks in spans)  # across >= 2 row borders
+    assert any({(1, 1), (1, 2), (2, 1), (2, 2)} <= blocks for blocks in spans)  # around the corner (128, 128)
+    assert any({(2, 1), (2, 2), (3, 1), (3, 2)} <= blocks for blocks in spans)  # around (192, 128), thin blocks
+    # ... and they matter: a greedy pass on each block alone finds other centres.
+    expected = detect_centers(prob, threshold)
+    per_block = np.concatenate([
+        greedy_peaks(smoothed[r0:r1, c0:c1], threshold) + [r0, c0] for r0, r1, c0, c1 in graph.boxes
+    ])
+    assert len(per_block) > len(expected) >= 12
+
+    # centers.csv (level-0 x, y) is the global greedy pass's centres in the same conversion.
+    with open(tmp_path / "out" / "chains" / "centers.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    got = np.array([[float(r["y"]), float(r["x"])] for r in rows])
+    assert attrs["frame"]["level0_per_frame_px"] == 0.25 and attrs["origin_rc"] == [0, 0]
+    expected = expected[np.lexsort((expected[:, 1], expected[:, 0]))]
+    np.testing.assert_array_equal(got, (expected + 0.5) * 0.25 - 0.5)  # (row, col) -> level-0 (y, x)
+    np.testing.assert_allclose([float(r["probability"]) for r in rows], smoothed[expected[:, 0], expected[:, 1]],
+                               atol=5e-5)
+    summary = json.loads((tmp_path / "out" / "chains" / "summary.json").read_text())
+    assert summary["count"] == len(expected) and summary["threshold"] == threshold

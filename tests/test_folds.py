@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from conftest import write_crops_in_paper_layout
 
-from wsi_lymph.dataset import read_dataset
-from wsi_lymph.folds import Fold, make_folds, read_folds, write_folds
-from wsi_lymph.patches import extract_patches, open_patches, patch_names
+from wsi_lymph.training.dataset import read_dataset
+from wsi_lymph.training.folds import Fold, make_folds, read_folds, write_folds
+from wsi_lymph.training.patches import extract_patches, open_patches, patch_names
 
 
 @pytest.fixture(scope="module")

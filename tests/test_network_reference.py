@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from wsi_lymph.caffe import import_caffe
-from wsi_lymph.models import caffemodel_filename, load_checkpoint, mean_filename
-from wsi_lymph.network import PatchNet, patch_grid_probabilities, patch_probabilities
+from wsi_lymph.models.caffe import import_caffe
+from wsi_lymph.models.checkpoints import load_checkpoint
+from wsi_lymph.models.networks import PatchNet, patch_grid_probabilities, patch_probabilities
+from wsi_lymph.models.registry import caffemodel_filename, mean_filename
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 RELEASED = DATA / "models" / "janowczyk2016-lymphocyte"

@@ -8,8 +8,8 @@ import zarr
 from conftest import write_crops_in_paper_layout
 from scipy.spatial import cKDTree
 
-from wsi_lymph.dataset import read_dataset
-from wsi_lymph.patches import (
+from wsi_lymph.training.dataset import read_dataset
+from wsi_lymph.training.patches import (
     NEGATIVE_ROTATIONS,
     POSITIVE_ROTATIONS,
     export_png,

@@ -1,21 +1,20 @@
-"""Peak detection: the disk kernel, the greedy procedure, and blockwise == global on hard synthetic maps."""
+"""Peak detection: the disk kernel, the greedy procedure, and the batch's blockwise peak stage == the global pass.
+
+The blockwise cases run the batch's own peak stage (:func:`wsi_lymph.engine.centres.find_centres`:
+plan, one ``peaks`` task per block on the real cluster, join) on hard maps stored as Zarr arrays.
+"""
 
 from __future__ import annotations
 
-import dask.array as da
 import numpy as np
 import pytest
+import zarr
 
-from wsi_lymph.peaks import (
-    detect_centers,
-    detect_centers_blockwise,
-    disk_kernel,
-    greedy_peaks,
-    peak_blocks,
-    read_with_halo,
-    smooth_probability,
-    summarise_peak_block,
-)
+from wsi_lymph.constants import PAPER_THRESHOLD
+from wsi_lymph.detection.peaks import detect_centers, disk_kernel, greedy_peaks, smooth_probability
+from wsi_lymph.engine.centres import find_centres, peak_block_of_store, plan_peaks
+from wsi_lymph.io.probmap_store import computed_blocks_attr
+from wsi_lymph.slides.frame import block_boxes
 
 
 def _sorted(rc: np.ndarray) -> np.ndarray:
@@ -49,7 +48,7 @@ def _blob_map(centres, shape, value=0.98, radius=9.0):
     prob = np.zeros(shape)
     for (r, c), v in zip(centres, np.broadcast_to(value, len(centres)), strict=True):
         prob = np.maximum(prob, v * np.exp(-((rows - r) ** 2 + (cols - c) ** 2) / (2 * radius**2)))
-    return prob
+    return prob.astype(np.float32)
 
 
 def _hard_map(seed: int, shape=(300, 260)) -> np.ndarray:
@@ -62,63 +61,93 @@ def _hard_map(seed: int, shape=(300, 260)) -> np.ndarray:
     values = rng.uniform(0.85, 1.0, len(centres))
     values[5:11] = np.linspace(1.0, 0.9, 6)  # the chain decreases, so suppression alternates along it
     prob = _blob_map(centres, shape, values)
+    # A vertical chain < R inside one column of blocks: it is linked across row borders only.
+    prob = np.maximum(prob, _blob_map([(40 + 27 * i, 236) for i in range(8)], shape, np.linspace(0.99, 0.9, 8)))
     prob[20:30, 150:170] = 0.93  # a plateau: ties everywhere
     prob += rng.uniform(0, 0.02, shape)  # noise makes many nearby candidates
-    return np.clip(prob, 0, 1)
+    return np.clip(prob, 0, 1).astype(np.float32)
 
 
-@pytest.mark.parametrize("chunk", [64, 100, 37, 29])
+def store_map(path, prob: np.ndarray, chunks, nonzero_boxes=None, box_px: int = 16) -> str:
+    """``prob`` as a float32 Zarr map with the attributes the peak stage reads.
+
+    ``nonzero_boxes`` (map-pixel boxes, multiples of ``box_px``) are recorded as the classified
+    blocks, as the batch records them; outside them the map promises P = 0.
+    """
+    attrs = {"value_scale": 1.0, "model": {"threshold": PAPER_THRESHOLD}}
+    if nonzero_boxes is not None:
+        grid = block_boxes(prob.shape, box_px)
+        keep = [any(r0 <= a and b <= r1 and c0 <= c and d <= c1 for r0, r1, c0, c1 in nonzero_boxes)
+                for a, b, c, d in grid]
+        attrs["computed_blocks"] = computed_blocks_attr(grid, np.array(keep), (0, 0), box_px)
+    chunks = (chunks, chunks) if isinstance(chunks, int) else chunks
+    array = zarr.create_array(store=str(path), shape=prob.shape, chunks=chunks, dtype="float32", fill_value=0,
+                              attributes={"wsi_lymph": attrs})
+    array[:] = prob
+    return str(path)
+
+
+@pytest.mark.parametrize(("chunk", "peak_block_px"), [(64, 64), (100, 100), (37, 37), (29, 29), (29, 90)])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_blockwise_equals_global_on_hard_maps(seed, chunk):
+def test_blockwise_equals_global_on_hard_maps(client, tmp_path, seed, chunk, peak_block_px):
     prob = _hard_map(seed)
     expected = _sorted(detect_centers(prob))
     assert len(expected) >= 8
-    array = da.from_array(prob, chunks=chunk)
-    centres, scores = detect_centers_blockwise(array, return_scores=True)
+    store = store_map(tmp_path / "prob.zarr", prob, chunk)
+    centres, scores = find_centres(client, store, peak_block_px=peak_block_px)
     np.testing.assert_array_equal(centres, expected)
     # Each block smooths its core from its halo exactly as the global pass does (bit for bit).
-    np.testing.assert_array_equal(scores, smooth_probability(prob)[centres[:, 0], centres[:, 1]])
-    graph = peak_blocks(array.chunks)
+    smoothed = smooth_probability(prob)
+    np.testing.assert_array_equal(scores, smoothed[centres[:, 0], centres[:, 1]])
+    graph = plan_peaks(store, peak_block_px=peak_block_px).graph
+    assert graph.chunks[0][0] == (peak_block_px // chunk) * chunk and len(graph.blocks) >= 9
     for box in graph.boxes[:4]:
-        summary = summarise_peak_block(read_with_halo(prob, box, graph.halo_px), box, graph.halo_px)
-        np.testing.assert_array_equal(summary["values"], smooth_probability(prob)[summary["rows"], summary["cols"]])
+        summary = peak_block_of_store(store, box, graph.halo_px, PAPER_THRESHOLD)
+        np.testing.assert_array_equal(summary["values"], smoothed[summary["rows"], summary["cols"]])
 
 
-def test_blockwise_equals_global_with_long_chains_across_blocks():
+def test_blockwise_equals_global_with_long_chains_across_blocks(client, tmp_path):
     # A zig-zag chain of candidates spaced just under the clearing radius over many 32-px blocks.
     centres = [(40 + (i % 2) * 20, 20 + i * 26) for i in range(14)]
     prob = _blob_map(centres, (100, 400), np.linspace(1.0, 0.88, 14), radius=7.0)
     expected = _sorted(detect_centers(prob))
+    assert len(expected) >= 7
     for chunk in (32, 45, 64):
-        np.testing.assert_array_equal(detect_centers_blockwise(da.from_array(prob, chunks=chunk)), expected)
+        store = store_map(tmp_path / f"prob-{chunk}.zarr", prob, chunk)
+        np.testing.assert_array_equal(find_centres(client, store, peak_block_px=chunk)[0], expected)
 
 
-def test_blocks_thinner_than_the_halo_are_still_exact():
+def test_blocks_thinner_than_the_halo_are_still_exact(client, tmp_path):
     # Each block reads its own halo (mirrored at the border), so no block size is too small.
     prob = _hard_map(0)
     expected = _sorted(detect_centers(prob))
-    for chunk in ((15, 20),):  # thinner than the 21-px halo
-        np.testing.assert_array_equal(detect_centers_blockwise(da.from_array(prob, chunks=chunk)), expected)
+    store = store_map(tmp_path / "prob.zarr", prob, (15, 20))  # thinner than the 21-px halo
+    graph = plan_peaks(store, peak_block_px=1).graph
+    assert graph.chunks[0][0] == 15 and graph.chunks[1][0] == 20 < graph.halo_px
+    np.testing.assert_array_equal(find_centres(client, store, peak_block_px=1)[0], expected)
 
 
-def test_no_candidates_gives_an_empty_result():
-    assert detect_centers_blockwise(da.zeros((64, 64), chunks=32)).shape == (0, 2)
+def test_no_candidates_gives_an_empty_result(client, tmp_path):
+    store = store_map(tmp_path / "prob.zarr", np.zeros((64, 64), np.float32), 32)
+    centres, scores = find_centres(client, store, peak_block_px=32)
+    assert centres.shape == (0, 2) and scores.shape == (0,)
 
 
-def test_only_blocks_near_nonzero_boxes_are_computed_and_the_result_is_unchanged():
+def test_only_blocks_near_nonzero_boxes_are_computed_and_the_result_is_unchanged(client, tmp_path):
     # P is non-zero only inside a few "classified" 48-px boxes, some on block edges and corners of a
     # 32-px grid, with candidates up to their borders (smoothing spills 6 px into zero blocks).
     rng = np.random.default_rng(3)
     shape = (320, 384)
     boxes = [(0, 48, 0, 48), (96, 144, 112, 160), (144, 192, 160, 208), (272, 320, 336, 384)]
-    prob = np.zeros(shape)
+    prob = np.zeros(shape, np.float32)
     for r0, r1, c0, c1 in boxes:
         prob[r0:r1, c0:c1] = rng.uniform(0.6, 1.0, (r1 - r0, c1 - c0))
     expected = _sorted(detect_centers(prob))
     assert len(expected) >= 6
-    array = da.from_array(prob, chunks=32)
-    graph = peak_blocks(array.chunks, nonzero_boxes=boxes)
-    assert len(graph.blocks) < array.numblocks[0] * array.numblocks[1] // 2  # glass costs nothing
-    np.testing.assert_array_equal(detect_centers_blockwise(array, nonzero_boxes=boxes), expected)
+    store = store_map(tmp_path / "prob.zarr", prob, 32, nonzero_boxes=boxes)
+    graph = plan_peaks(store, peak_block_px=32).graph
+    assert len(graph.blocks) < (shape[0] // 32) * (shape[1] // 32) // 2  # glass costs nothing
+    np.testing.assert_array_equal(find_centres(client, store, peak_block_px=32)[0], expected)
     # The restriction is not vacuous: promising zeros where P is not loses centres.
-    assert len(detect_centers_blockwise(array, nonzero_boxes=boxes[:1])) < len(expected)
+    wrong = store_map(tmp_path / "wrong.zarr", prob, 32, nonzero_boxes=boxes[:1])
+    assert len(find_centres(client, wrong, peak_block_px=32)[0]) < len(expected)

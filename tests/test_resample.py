@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsi_lymph.frame import interpolate_grid, stride_grid
-from wsi_lymph.resample import cubic_taps, resize_window, symmetric_index
+from wsi_lymph.slides.frame import interpolate_grid, stride_grid
+from wsi_lymph.slides.resample import cubic_taps, resize_window, symmetric_index
 
 
 def test_symmetric_index_repeats_the_edge():

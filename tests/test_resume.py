@@ -17,9 +17,9 @@ ARGS = ["--model", "janowczyk2016/fold1", "--stride", "4", "--chunk", "128", "--
         "--region", "700,1000,200,200", "--workers", "1", "--dashboard", ":0"]
 
 
-def _detect(out, **popen):
+def _detect(out, extra=(), **popen):
     command = [sys.executable, "-m", "wsi_lymph.cli", "detect", str(SLIDES / "cmu-1-small-region.svs"),
-               "--out", str(out), *ARGS]
+               "--out", str(out), *ARGS, *extra]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=os.environ.copy(), **popen)
 
@@ -58,6 +58,18 @@ def test_sigkill_mid_slide_then_resume(tmp_path, model_cache):
     for name in ("centers.csv", "centers.geojson"):
         assert (out / "cmu-1-small-region" / name).read_text() == (reference / "cmu-1-small-region" / name).read_text()
 
-    # A finished slide is not recomputed; --force recomputes it.
+    # A finished slide is not recomputed; --force recomputes it, every block, to the same outputs.
     skip = _detect(out)
     assert skip.wait(timeout=300) == 0 and "already done" in skip.stdout.read()
+    forced = _detect(out, extra=["--force"])
+    forced_out, forced_err = forced.communicate(timeout=300)
+    assert forced.returncode == 0, forced_err
+    assert "already done" not in forced_out
+    report = json.loads((out / "cmu-1-small-region" / "probmap.json").read_text())
+    assert report["blocks_resumed"] == 0 and report["patches"] == full["patches"]
+    np.testing.assert_array_equal(
+        zarr.open_array(str(out / "cmu-1-small-region" / "prob.zarr"))[:],
+        zarr.open_array(str(reference / "cmu-1-small-region" / "prob.zarr"))[:],
+    )
+    for name in ("centers.csv", "centers.geojson"):
+        assert (out / "cmu-1-small-region" / name).read_text() == (reference / "cmu-1-small-region" / name).read_text()

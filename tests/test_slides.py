@@ -7,8 +7,8 @@ import pytest
 import tifffile
 from conftest import CROPS, DATA, SLIDES
 
-from wsi_lymph.frame import choose_frame
-from wsi_lymph.slide import SlideError, SlideInfo, find_slides, open_slide, read_region, slide_to_dask
+from wsi_lymph.slides.frame import choose_frame
+from wsi_lymph.slides.reader import SlideError, SlideInfo, find_slides, open_slide, read_region, slide_to_dask
 
 
 def test_cmu_small_region():

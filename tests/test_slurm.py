@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from wsi_lymph.synthetic import make_synthetic_dataset
+from wsi_lymph.engine.cluster import CLUSTER_KINDS, ClusterError, dask_client
+from wsi_lymph.training.synthetic import make_synthetic_dataset
 
 PROFILE = """\
 jobqueue:
@@ -151,3 +152,39 @@ def test_jobs_that_end_without_a_worker_stop_the_driver_with_a_message(tmp_path)
     assert "ended without a worker joining" in run.stderr and str(tmp_path / "logs") in run.stderr, run.stderr
     print(f"stopped after {time.monotonic() - started:.1f} s: {run.stderr.strip().splitlines()[-1]}")
     assert not _jobs(name)
+
+
+def test_the_slurm_entry_tells_a_queued_job_from_an_ended_one(tmp_path):
+    """squeue through the table: a job is active while queued or running, not once cancelled or gone."""
+    _require_slurm()
+    slurm = CLUSTER_KINDS["slurm"]
+    submitted = subprocess.run(["sbatch", "--parsable", "-p", "debug", "-J", f"wsi-lymph-state-{os.getpid()}",
+                                "-c", "1", "--mem=100M", "-o", str(tmp_path / "job.out"), "--wrap", "sleep 120"],
+                               capture_output=True, text=True, timeout=30, check=True)
+    job = submitted.stdout.strip().split(";")[0]
+    try:
+        assert slurm.active_jobs([job]) == {job}
+    finally:
+        subprocess.run(["scancel", job], timeout=30)
+    for _ in range(60):
+        if slurm.active_jobs([job]) == set():
+            break
+        time.sleep(0.5)
+    assert slurm.active_jobs([job]) == set(), subprocess.run(["squeue", "-j", job], capture_output=True, text=True)
+
+
+def test_a_refused_submission_stops_the_driver_with_sbatchs_message(tmp_path):
+    """sbatch refuses the job (no such partition): its message is the error, not a wait for workers forever."""
+    _require_slurm()
+    name = f"wsi-lymph-refused-{os.getpid()}"
+    profile = tmp_path / "jobqueue.yaml"
+    profile.write_text(PROFILE.format(name=name, logs=tmp_path / "logs", scratch=tmp_path / "scratch"))
+    started = time.monotonic()
+    with pytest.raises(ClusterError, match=r"submitting the slurm worker jobs failed(?s:.*)(?i:invalid partition)"), \
+            dask_client(cluster="slurm", config_file=profile, profile="slurm-test", jobs=2, quiet=True,
+                        job_options={"queue": "no-such-partition"}, dashboard_address="localhost:0",
+                        tls_dir=tmp_path / "tls"):
+        pytest.fail("the cluster started without its jobs")
+    assert time.monotonic() - started < 60
+    assert not _jobs(name)
+    assert list((tmp_path / "tls").iterdir()) == []  # the private certificate folder went with the cluster

@@ -9,8 +9,8 @@ import pytest
 from scipy import ndimage
 from skimage.color import rgb2hed
 
-from wsi_lymph.dataset import check_dataset, read_dataset
-from wsi_lymph.synthetic import (
+from wsi_lymph.training.dataset import check_dataset, read_dataset
+from wsi_lymph.training.synthetic import (
     LYMPHOCYTE_GAP_PX,
     LYMPHOCYTE_RADIUS_PX,
     LYMPHOCYTES_PER_100PX,

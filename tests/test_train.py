@@ -16,9 +16,10 @@ import pytest
 import torch
 import zarr
 
-from wsi_lymph.models import load_model
-from wsi_lymph.network import DENSE_ARCH, DensePatchNet, PatchNet, dense_probabilities, patch_probabilities
-from wsi_lymph.train import METRIC_COLUMNS, TrainingError, roc_auc, train_model
+from wsi_lymph.models.architectures import DENSE_ARCH
+from wsi_lymph.models.networks import DensePatchNet, PatchNet, dense_probabilities, patch_probabilities
+from wsi_lymph.models.registry import load_model
+from wsi_lymph.training.train import METRIC_COLUMNS, TrainingError, roc_auc, train_model
 
 REPO = Path(__file__).resolve().parents[1]
 N_PATCHES = 256
@@ -136,7 +137,7 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, patch_set):
     code = (
         "import time, numpy as np, torch\n"
         f"torch.set_num_threads({torch.get_num_threads()})\n"
-        "from wsi_lymph.train import train_model\n"
+        "from wsi_lymph.training.train import train_model\n"
         "def log(line):\n"
         "    if line.startswith('iteration 12/'):\n"
         "        time.sleep(600)\n"

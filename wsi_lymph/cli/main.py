@@ -1,0 +1,336 @@
+"""``wsi-lymph`` command line: a thin layer over the library functions."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+# Library modules that load torch, zarr or distributed are imported inside the commands, so that --help and
+# usage errors answer at once.
+from wsi_lymph.cli.options import add_cluster_options, cluster_kind_of, cluster_kwargs, region_type
+from wsi_lymph.cli.training import add_training_commands
+from wsi_lymph.constants import FRAME_SCALE, PAPER_THRESHOLD, SOURCE_SCAN_MPP
+
+
+def _add_probmap_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("slides", nargs="+", help="slide files and/or folders of slides")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--model", default="janowczyk2016", help="janowczyk2016, janowczyk2016/foldK or a checkpoint")
+    parser.add_argument("--model-source", default=None, help="URL or folder to fetch the paper's models from")
+    parser.add_argument("--mpp", type=float, default=None, help="level-0 µm per pixel, overriding the files")
+    parser.add_argument("--stride", type=int, default=2, help="classify every S-th model-frame pixel (1 = exact)")
+    parser.add_argument("--mirror", action="store_true", help="average each patch with its horizontal mirror")
+    parser.add_argument("--region", type=region_type, default=None, help="X,Y,WIDTH,HEIGHT level-0 rectangle only")
+    parser.add_argument("--no-skip", action="store_true", help="evaluate blocks without hematoxylin too")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "float32", "uint8"])
+    parser.add_argument("--chunk", type=int, default=512, help="Zarr chunk edge, model-frame px")
+    parser.add_argument("--block", type=int, default=None, help="inference task edge, model-frame px (chunk multiple)")
+    parser.add_argument("--batch-size", type=int, default=512, help="patches per forward pass")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--force", action="store_true", help="recompute slides already finished in --out")
+    add_cluster_options(parser)
+
+
+def _run_batch(args: argparse.Namespace, command: str) -> int:
+    """Shared body of ``probmap`` and ``detect``: find slides, start the cluster, run, report."""
+    from wsi_lymph.engine.cluster import dask_client, default_workers
+    from wsi_lymph.slides.reader import find_slides
+
+    slides = find_slides(args.slides)
+    if not slides:
+        print(f"wsi-lymph {command}: no slides found in " + ", ".join(args.slides), file=sys.stderr)
+        return 2
+    from wsi_lymph.models.checkpoints import ModelError
+    from wsi_lymph.models.registry import load_model
+
+    try:
+        # Before any cluster starts: a missing or broken model is a one-line error, not a traceback.
+        load_model(args.model, source=args.model_source)
+    except ModelError as error:
+        print(f"wsi-lymph {command}: {error}", file=sys.stderr)
+        return 1
+    workers = args.workers or default_workers()
+    params = _probmap_params(args, workers)
+    options = dict(model=args.model, mpp=args.mpp, params=params, model_source=args.model_source, force=args.force)
+    with dask_client(**cluster_kwargs(args) | {"workers": workers}) as client:
+        if command == "detect":
+            from wsi_lymph.engine.batch import run_detect
+
+            results = run_detect(client, slides, args.out, threshold=args.threshold, **options)
+        else:
+            from wsi_lymph.engine.batch import run_probmaps
+
+            results = run_probmaps(client, slides, args.out, **options)
+    failed = [r for r in results if r.status != "done"]
+    print(f"{len(results) - len(failed)} of {len(results)} slides done; outputs in {args.out}")
+    for result in failed:
+        print(f"FAILED {result.path}: {result.reason}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_probmap(args: argparse.Namespace) -> int:
+    return _run_batch(args, "probmap")
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    return _run_batch(args, "detect")
+
+
+def _probmap_params(args: argparse.Namespace, workers: int):
+    from wsi_lymph.engine.cluster import torch_threads_per_worker
+    from wsi_lymph.engine.params import ProbmapParams
+
+    return ProbmapParams(
+        stride_px=args.stride,
+        mirror=args.mirror,
+        chunk_px=args.chunk,
+        block_px=args.block or args.chunk,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        skip_hematoxylin=not args.no_skip,
+        region_level0=args.region,
+        device=args.device,
+        # Workers of other clusters know their own cores (jobs set OMP_NUM_THREADS, see cluster/jobqueue.yaml).
+        torch_threads=torch_threads_per_worker(workers) if cluster_kind_of(args) == "local" else None,
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Fetch the public demo slide and the paper's models, then run ``detect`` on a region of it."""
+    from wsi_lymph.engine.batch import run_detect
+    from wsi_lymph.engine.cluster import dask_client, default_workers
+    from wsi_lymph.models.checkpoints import ModelError
+    from wsi_lymph.models.registry import resolve_model
+    from wsi_lymph.slides.sample import DEMO_REGION_LEVEL0, DataError, fetch_demo_slide
+
+    try:
+        slide = fetch_demo_slide(args.source)
+        resolve_model(args.model, source=args.model_source)
+    except (DataError, ModelError) as error:
+        print(f"wsi-lymph demo: {error}", file=sys.stderr)
+        return 1
+    args.region = args.region or DEMO_REGION_LEVEL0
+    workers = args.workers or default_workers()
+    with dask_client(**cluster_kwargs(args) | {"workers": workers}) as client:
+        [result] = run_detect(
+            client, [slide], args.out, model=args.model, params=_probmap_params(args, workers),
+            model_source=args.model_source, force=args.force,
+        )
+    if result.status != "done":
+        print(f"wsi-lymph demo: {result.reason}", file=sys.stderr)
+        return 1
+    print(f"demo done: outputs in {Path(result.output).parent}")
+    return 0
+
+
+def _evaluation_pairs(pred: Path, truth: Path) -> list[tuple[str, Path, Path]]:
+    """(name, centres CSV, annotation file) pairs; folders are paired by slide name."""
+    if pred.is_file():
+        return [(pred.parent.name, pred, truth)]
+    pairs = []
+    for centres in sorted(pred.glob("*/centers.csv")):
+        name = centres.parent.name
+        bare = name[2:] if name.startswith("im") else name  # the paper's im<N>.tif goes with <N>m.tif
+        # Annotation files: <name>_seed.*, <name>.csv / <name>_*.csv, or the paper's mask <N>m.tif.
+        candidates = [
+            p for p in ([truth] if truth.is_file() else sorted(truth.iterdir()))
+            if p.stem in (f"{name}_seed", f"{bare}m")
+            or (p.suffix.lower() == ".csv" and (p.stem == name or p.stem.startswith(f"{name}_")))
+        ]
+        if candidates:
+            pairs.append((name, centres, candidates[0]))
+    return pairs
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    import numpy as np
+
+    from wsi_lymph.detection.evaluate import match_points, pooled, read_points, read_scores, threshold_sweep
+
+    pairs = _evaluation_pairs(args.pred, args.truth)
+    if not pairs:
+        print(f"wsi-lymph evaluate: no predictions in {args.pred} match annotations in {args.truth}", file=sys.stderr)
+        return 2
+    report = {"tolerance_um": args.tolerance_um, "images": {}}
+    detections, truths, scores, tolerances = [], [], [], []
+    print(f"{'image':<28}{'TP':>5}{'FP':>5}{'FN':>5}{'precision':>11}{'recall':>8}{'F':>7}")
+    for name, centres, annotation in pairs:
+        mpp = args.mpp
+        summary = centres.parent / "summary.json"
+        if mpp is None and summary.is_file():
+            mpp = json.loads(summary.read_text())["mpp"]
+        if mpp is None:
+            print(f"wsi-lymph evaluate: {centres}: no summary.json with µm/px beside it; pass --mpp", file=sys.stderr)
+            return 2
+        try:
+            found, truth = read_points(centres), read_points(annotation)
+        except (OSError, ValueError) as error:
+            print(f"wsi-lymph evaluate: {error}", file=sys.stderr)
+            return 1
+        tolerance = args.tolerance_um / mpp
+        tolerances.append(tolerance)
+        score = match_points(found, truth, tolerance)
+        detections.append((found, read_scores(centres)))
+        truths.append(truth)
+        scores.append(score)
+        report["images"][name] = score.as_dict() | {"annotation": str(annotation), "tolerance_px": tolerance}
+        print(f"{name:<28}{score.true_positives:>5}{score.false_positives:>5}{score.false_negatives:>5}"
+              f"{score.precision:>11.3f}{score.recall:>8.3f}{score.f_score:>7.3f}")
+    total = pooled(scores)
+    report["pooled"] = total.as_dict()
+    print(f"{'pooled':<28}{total.true_positives:>5}{total.false_positives:>5}{total.false_negatives:>5}"
+          f"{total.precision:>11.3f}{total.recall:>8.3f}{total.f_score:>7.3f}")
+    if args.sweep:
+        if any(s is None for _, s in detections):
+            print("wsi-lymph evaluate: --sweep needs the 'probability' column of centers.csv", file=sys.stderr)
+            return 2
+        sweep = threshold_sweep(detections, truths, tolerances, np.round(np.arange(0.5, 0.99, 0.01), 2))
+        best_threshold, best = max(sweep, key=lambda item: (item[1].f_score, -item[0]))
+        report["sweep"] = [{"threshold": t, **s.as_dict()} for t, s in sweep]
+        report["best_threshold"] = best_threshold
+        print(f"F-optimal threshold: {best_threshold:.2f} (F {best.f_score:.3f}); detections must have been made "
+              "at or below the lowest threshold swept (0.50), e.g. detect --threshold 0.5")
+    if args.json:
+        from wsi_lymph.io.outputs import write_json
+
+        write_json(args.json, report)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from wsi_lymph.slides.frame import choose_frame
+    from wsi_lymph.slides.reader import SlideError, find_slides, open_slide
+
+    status = 0
+    for path in find_slides(args.slides):
+        try:
+            info = open_slide(path, mpp=args.mpp)
+        except SlideError as error:
+            print(f"FAILED {error}", file=sys.stderr)
+            status = 1
+            continue
+        print(f"{info.path}\n  reader {info.reader} ({info.vendor}), {info.level_count} levels")
+        for level, ((w, h), down) in enumerate(zip(info.level_sizes_xy, info.level_downsamples, strict=True)):
+            print(f"  level {level}: {w} x {h} px (w x h), downsample {down:.4g}")
+        print(f"  mpp: {info.mpp} µm/px ({info.mpp_source})")
+        if info.mpp is not None:
+            frame = choose_frame(info)
+            print(f"  model frame: level {frame.level} x{frame.frame_scale:g} -> {frame.shape_rc[1]} x "
+                  f"{frame.shape_rc[0]} px at {frame.mpp:.4g} µm/px")
+    return status
+
+
+def cmd_models_fetch(args: argparse.Namespace) -> int:
+    from wsi_lymph.models.checkpoints import ModelError
+    from wsi_lymph.models.registry import fetch_janowczyk2016
+
+    if args.name != "janowczyk2016":
+        print(f"wsi-lymph models fetch: unknown model {args.name!r}; known: janowczyk2016", file=sys.stderr)
+        return 2
+    try:
+        paths = fetch_janowczyk2016(args.source, force=args.force, progress=print)
+    except ModelError as error:
+        print(f"wsi-lymph models fetch: {error}", file=sys.stderr)
+        return 1
+    for path in paths:
+        print(path)
+    return 0
+
+
+def cmd_models_import(args: argparse.Namespace) -> int:
+    from wsi_lymph.models.caffe import CaffeImportError, import_caffe
+
+    try:
+        out = import_caffe(
+            args.caffemodel, args.mean, args.out, name=args.name or args.out.stem, fold=args.fold,
+            threshold=args.threshold, source_scan_mpp=args.source_mpp, frame_scale=args.frame_scale,
+        )
+    except (CaffeImportError, OSError) as error:
+        print(f"wsi-lymph models import-caffe: {error}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from wsi_lymph import __version__
+
+    parser = argparse.ArgumentParser(prog="wsi-lymph", description="Lymphocyte detection in H&E whole-slide images.")
+    parser.add_argument("--version", action="version", version=f"wsi-lymph {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    probmap = commands.add_parser("probmap", help="slides -> Zarr maps of P(lymphocyte center)")
+    _add_probmap_options(probmap)
+    probmap.set_defaults(func=cmd_probmap)
+
+    detect = commands.add_parser("detect", help="slides -> lymphocyte centres (CSV, GeoJSON, summary)")
+    _add_probmap_options(detect)
+    detect.add_argument("--threshold", type=float, default=None, help="peak threshold (default: the model's)")
+    detect.set_defaults(func=cmd_detect)
+
+    demo = commands.add_parser("demo", help="fetch a public sample slide and the models, run detect on it")
+    demo.add_argument("--out", required=True, type=Path)
+    demo.add_argument("--source", default=None, help="URL or folder holding CMU-1-Small-Region.svs "
+                      "(default: OpenSlide's test data; env WSI_LYMPH_DATA_SOURCE)")
+    demo.add_argument("--model", default="janowczyk2016/fold1")
+    demo.add_argument("--model-source", default=None)
+    demo.add_argument("--stride", type=int, default=4)
+    demo.add_argument("--region", type=region_type, default=None, help="level-0 X,Y,W,H (default: a 600 px region)")
+    for name, default in (("--mirror", False), ("--no-skip", False), ("--force", False)):
+        demo.add_argument(name, action="store_true", default=default)
+    demo.set_defaults(func=cmd_demo, dtype="float16", chunk=512, block=None, batch_size=512, device=None, mpp=None)
+    add_cluster_options(demo)
+
+    evaluate = commands.add_parser("evaluate", help="precision, recall and F of detections against annotations")
+    evaluate.add_argument("pred", type=Path, help="a centers.csv or a detect output folder")
+    evaluate.add_argument("truth", type=Path, help="annotations: CSV of x,y, seed image or RGBA mask, or a folder")
+    evaluate.add_argument("--tolerance-um", type=float, default=3.0, help="matching distance (default: 3 µm, "
+                          "one lymphocyte radius)")
+    evaluate.add_argument("--mpp", type=float, default=None, help="µm/px when no summary.json gives it")
+    evaluate.add_argument("--sweep", action="store_true", help="report the F-optimal threshold")
+    evaluate.add_argument("--json", type=Path, default=None, help="also write the report as JSON")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    info = commands.add_parser("info", help="print a slide's levels, resolution and model frame")
+    info.add_argument("slides", nargs="+")
+    info.add_argument("--mpp", type=float, default=None)
+    info.set_defaults(func=cmd_info)
+
+    models = commands.add_parser("models", help="fetch or import models").add_subparsers(dest="action", required=True)
+    fetch = models.add_parser("fetch", help="download, verify and convert the paper's released models")
+    fetch.add_argument("name", help="janowczyk2016")
+    fetch.add_argument("--source", default=None, help="base URL or folder (default: the authors' repository; "
+                       "env WSI_LYMPH_MODEL_SOURCE)")
+    fetch.add_argument("--force", action="store_true")
+    fetch.set_defaults(func=cmd_models_fetch)
+    imp = models.add_parser("import-caffe", help="convert a .caffemodel + mean .binaryproto into a checkpoint")
+    imp.add_argument("caffemodel", type=Path)
+    imp.add_argument("mean", type=Path, help="mean image .binaryproto")
+    imp.add_argument("--out", type=Path, required=True, help="checkpoint file to write (.pt)")
+    imp.add_argument("--name", default=None)
+    imp.add_argument("--fold", type=int, default=None)
+    imp.add_argument("--threshold", type=float, default=PAPER_THRESHOLD, help="peak threshold of this model")
+    imp.add_argument("--source-mpp", type=float, default=SOURCE_SCAN_MPP, help="µm/px of the training scans")
+    imp.add_argument("--frame-scale", type=float, default=FRAME_SCALE, help="upscaling applied before patches")
+    imp.set_defaults(func=cmd_models_import)
+
+    add_training_commands(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from wsi_lymph.engine.cluster import ClusterError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ClusterError as error:  # bad cluster options or refused job submissions: a message, not a traceback
+        print(f"wsi-lymph {args.command}: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

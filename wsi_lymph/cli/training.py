@@ -1,0 +1,226 @@
+"""``wsi-lymph`` training commands: dataset check, synthetic, patches, folds, train, cv, distill.
+
+Registered by :mod:`wsi_lymph.cli`; each handler parses nothing itself and calls library functions.
+The handlers import the library (torch, Dask) when they run, so that ``wsi-lymph --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from wsi_lymph.cli.options import add_cluster_options, cluster_kind_of, cluster_kwargs
+from wsi_lymph.training.settings import CVSettings, StudentRecipe
+
+
+def _training_options(parser: argparse.ArgumentParser) -> None:
+    d = CVSettings()
+    group = parser.add_argument_group("training")
+    group.add_argument("--iterations", type=int, default=d.iterations, help=f"optimiser steps (default {d.iterations}; "
+                       "the paper ran 600,000)")
+    group.add_argument("--recipe", choices=["paper", "modern"], default=d.recipe,
+                       help="paper: Adagrad as in Caffe; modern: AdamW, schedule, augmentation")
+    group.add_argument("--arch", choices=["paper", "dense"], default=d.arch,
+                       help="paper: the released network; dense: exact fully convolutional variant (fast maps)")
+    group.add_argument("--batch-size", type=int, default=d.batch_size)
+    group.add_argument("--seed", type=int, default=d.seed)
+    group.add_argument("--validation-fraction", type=float, default=d.validation_fraction,
+                       help="share of a fold's training images held out to choose the threshold")
+    group.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+def _settings(args: argparse.Namespace) -> CVSettings:
+    return CVSettings(
+        n_folds=getattr(args, "folds", 5), iterations=args.iterations, batch_size=args.batch_size,
+        recipe=args.recipe, arch=args.arch, seed=args.seed, validation_fraction=args.validation_fraction,
+        mpp=getattr(args, "mpp", 0.5), stride_px=getattr(args, "stride", 2),
+        max_positive=getattr(args, "max_positive", 2000), max_negative=getattr(args, "max_negative", 4000),
+        device=args.device, torch_threads=_torch_threads(args),
+    )
+
+
+def _torch_threads(args: argparse.Namespace) -> int | None:
+    from wsi_lymph.engine.cluster import default_workers, torch_threads_per_worker
+
+    if not hasattr(args, "workers") or cluster_kind_of(args) != "local":
+        return None  # the workers of jobs and remote clusters know their own cores
+    return torch_threads_per_worker(args.workers or default_workers())
+
+
+def _client(args: argparse.Namespace, *, default_jobs: int = 1):
+    from wsi_lymph.engine.cluster import dask_client, default_workers
+
+    return dask_client(**cluster_kwargs(args, default_jobs=default_jobs) | {
+        "workers": args.workers or default_workers()})
+
+
+def cmd_dataset_check(args: argparse.Namespace) -> int:
+    from wsi_lymph.training.dataset import check_dataset
+
+    report = check_dataset(args.dataset)
+    print(report.format())
+    return 0 if report.ok else 1
+
+
+def cmd_synthetic(args: argparse.Namespace) -> int:
+    from wsi_lymph.training.synthetic import make_synthetic_dataset
+
+    images = make_synthetic_dataset(args.out, n_images=args.images, size_px=args.size, seed=args.seed)
+    print(f"{len(images)} synthetic images with {sum(len(i.centers_rc) for i in images)} lymphocytes in {args.out}")
+    return 0
+
+
+def cmd_patches(args: argparse.Namespace) -> int:
+    from wsi_lymph.training.dataset import DatasetError
+    from wsi_lymph.training.patches import export_png, extract_patches
+
+    try:
+        with _client(args) as client:
+            store = extract_patches(client, args.dataset, args.out, seed=args.seed, max_positive=args.max_positive,
+                                    max_negative=args.max_negative)
+    except DatasetError as error:
+        print(f"wsi-lymph patches: {error}", file=sys.stderr)
+        return 1
+    print(f"patches: {store}")
+    if args.png:
+        print(f"{export_png(store, args.png)} PNG files in {args.png}")
+    return 0
+
+
+def cmd_folds(args: argparse.Namespace) -> int:
+    import zarr
+
+    from wsi_lymph.training.folds import make_folds, write_folds
+
+    ids = list(zarr.open_group(str(args.patches), mode="r").attrs["image_ids"])
+    folds = make_folds(ids, args.folds, args.seed)
+    print(f"{len(folds)} folds of {len(ids)} images: {write_folds(folds, args.patches, args.out, seed=args.seed)}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from wsi_lymph.training.cv import train_fold
+    from wsi_lymph.training.folds import read_folds
+
+    folds = {fold.fold: fold for fold in read_folds(args.folds_dir)}
+    if args.fold not in folds:
+        print(f"wsi-lymph train: no fold {args.fold} in {args.folds_dir} (folds {sorted(folds)})", file=sys.stderr)
+        return 2
+    model, fit, val = train_fold(folds[args.fold], args.patches, args.out, _settings(args), log=print)
+    print(f"fold {args.fold}: trained on {len(fit)} images, validated on {len(val)}; model {model}")
+    return 0
+
+
+def cmd_cv(args: argparse.Namespace) -> int:
+    from wsi_lymph.engine.cluster import has_gpu_workers
+    from wsi_lymph.training.cv import run_cv
+    from wsi_lymph.training.dataset import DatasetError
+
+    try:
+        with _client(args, default_jobs=args.folds) as client:  # one worker job per fold
+            # The client has a worker by now (jobqueue clusters wait for one); GPU workers take one fold each.
+            resources = {"GPU": 1} if has_gpu_workers(client) else None
+            report = run_cv(client, args.dataset, args.out, _settings(args), resources=resources)
+    except (DatasetError, ValueError) as error:
+        print(f"wsi-lymph cv: {error}", file=sys.stderr)
+        return 1
+    net, base = report["pooled"]["network"], report["pooled"]["baseline"]
+    print(f"pooled over {len(report['folds'])} folds: P {net['precision']:.3f} R {net['recall']:.3f} "
+          f"F {net['f_score']:.3f} (hematoxylin-blob baseline F {base['f_score']:.3f}); "
+          f"report in {Path(args.out) / 'cv_report.json'}")
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from wsi_lymph.engine.cluster import has_gpu_workers
+    from wsi_lymph.models.checkpoints import ModelError
+    from wsi_lymph.training.dataset import DatasetError
+    from wsi_lymph.training.distill import read_plan, run_distill
+
+    recipe = StudentRecipe(iterations=args.iterations, batch_size=args.batch_size, seed=args.seed,
+                           checkpoint_every=min(args.checkpoint_every, args.iterations))
+    try:
+        plan = read_plan(args.plan)
+        with _client(args) as client:
+            resources = {"GPU": 1} if has_gpu_workers(client) else None
+            model = run_distill(client, plan, args.crops, args.out, recipe, teacher=args.teacher,
+                                teacher_stride_px=args.teacher_stride, model_source=args.model_source,
+                                resources=resources, device=args.device)
+    except (DatasetError, ModelError, ValueError, RuntimeError) as error:
+        print(f"wsi-lymph distill: {error}", file=sys.stderr)
+        return 1
+    print(f"student written to {model} (model card: {model.with_name('model-card.json')})")
+    return 0
+
+
+def add_training_commands(commands) -> None:
+    """Add the training commands to the ``wsi-lymph`` sub-command parser."""
+    dataset = commands.add_parser("dataset", help="annotated data sets").add_subparsers(dest="action", required=True)
+    check = dataset.add_parser("check", help="report images without masks, size mismatches, empty or unreadable")
+    check.add_argument("dataset", type=Path)
+    check.set_defaults(func=cmd_dataset_check)
+
+    synthetic = commands.add_parser("synthetic", help="write a synthetic H&E-like data set with known centres")
+    synthetic.add_argument("out", type=Path)
+    synthetic.add_argument("--images", type=int, default=10)
+    synthetic.add_argument("--size", type=int, default=100, help="image edge in pixels (20x, 0.5 µm/px)")
+    synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.set_defaults(func=cmd_synthetic)
+
+    patches = commands.add_parser("patches", help="training patches of a data set into a Zarr group")
+    patches.add_argument("dataset", type=Path)
+    patches.add_argument("--out", type=Path, required=True, help="patches.zarr (or a folder to hold it)")
+    patches.add_argument("--seed", type=int, default=0)
+    patches.add_argument("--max-positive", type=int, default=2000, help="positive locations per image")
+    patches.add_argument("--max-negative", type=int, default=4000, help="negative locations per image")
+    patches.add_argument("--png", type=Path, default=None, help="also export PNGs with the paper's names here")
+    add_cluster_options(patches)
+    patches.set_defaults(func=cmd_patches)
+
+    folds = commands.add_parser("folds", help="split images (patients) into folds; the paper's list files")
+    folds.add_argument("patches", type=Path, help="patches.zarr")
+    folds.add_argument("--out", type=Path, required=True)
+    folds.add_argument("--folds", type=int, default=5)
+    folds.add_argument("--seed", type=int, default=0)
+    folds.set_defaults(func=cmd_folds)
+
+    train = commands.add_parser("train", help="train one fold (resumes from the last checkpoint in --out)")
+    train.add_argument("--fold", type=int, required=True)
+    train.add_argument("--patches", type=Path, required=True, help="patches.zarr")
+    train.add_argument("--folds-dir", type=Path, required=True, help="folder with folds.json")
+    train.add_argument("--out", type=Path, required=True)
+    _training_options(train)
+    train.set_defaults(func=cmd_train)
+
+    cv = commands.add_parser("cv", help="patches, folds, one training per fold as Dask tasks, evaluation")
+    cv.add_argument("dataset", type=Path)
+    cv.add_argument("--out", type=Path, required=True)
+    cv.add_argument("--folds", type=int, default=5)
+    cv.add_argument("--mpp", type=float, default=0.5, help="µm per pixel of the data set's images (default 0.5)")
+    cv.add_argument("--stride", type=int, default=2, help="detection stride in the model frame (paper network)")
+    cv.add_argument("--max-positive", type=int, default=2000, help="positive patch locations per image")
+    cv.add_argument("--max-negative", type=int, default=4000, help="negative patch locations per image")
+    _training_options(cv)
+    add_cluster_options(cv)
+    cv.set_defaults(func=cmd_cv)
+
+    d = StudentRecipe()
+    distill = commands.add_parser(
+        "distill", help="distil the paper's ensemble into the fast student: prepare, teacher maps, train, evaluate",
+        description="The whole recipe of the shipped default model, resumable: run it again after an interruption.")
+    distill.add_argument("plan", type=Path, help="JSON plan of training and held-out images (docs/distill-plan.json)")
+    distill.add_argument("--crops", type=Path, required=True,
+                         help="annotated crops: stain reference and threshold, never trained on")
+    distill.add_argument("--out", type=Path, required=True, help="work and output folder (model.pt, model-card.json)")
+    distill.add_argument("--teacher", default="janowczyk2016", help="teacher model (default: the 5-fold ensemble)")
+    distill.add_argument("--teacher-stride", type=int, default=4, help="stride of the teacher's maps (default 4)")
+    distill.add_argument("--model-source", default=None, help="URL or folder to fetch the paper's models from")
+    distill.add_argument("--iterations", type=int, default=d.iterations, help=f"steps (default {d.iterations})")
+    distill.add_argument("--batch-size", type=int, default=d.batch_size, help=f"crops a step (default {d.batch_size})")
+    distill.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                         help=f"steps between checkpoints (default {d.checkpoint_every})")
+    distill.add_argument("--seed", type=int, default=d.seed, help=f"crops and augmentation seed (default {d.seed})")
+    distill.add_argument("--device", default=None, help="torch device of the training task (default: cuda if any)")
+    add_cluster_options(distill)
+    distill.set_defaults(func=cmd_distill)

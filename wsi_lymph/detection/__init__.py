@@ -1,0 +1,1 @@
+"""The method on arrays: hematoxylin mask, block inference kernel, peaks (one blockwise driver), evaluation."""

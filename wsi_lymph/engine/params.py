@@ -1,0 +1,104 @@
+"""Settings of a batch run and the outcome of each slide."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from wsi_lymph.detection.hematoxylin import DEFAULT_MARGIN_UM, DEFAULT_MASK_MPP, DEFAULT_THRESHOLD_OD
+from wsi_lymph.detection.peaks import PEAK_BLOCK_PX
+from wsi_lymph.io.probmap_store import STORE_DTYPES
+
+
+@dataclass(frozen=True)
+class ProbmapParams:
+    """How a probability map is computed and stored.
+
+    Attributes
+    ----------
+    stride_px : int
+        Classify every ``stride_px``-th model-frame pixel along each axis and
+        interpolate bilinearly in between (1 = every pixel, exact).
+    mirror : bool
+        Average each patch with its horizontal mirror (the original's oversampling).
+    chunk_px : int
+        Zarr chunk edge in model-frame pixels.
+    block_px : int
+        Edge of one inference task in model-frame pixels; a multiple of ``chunk_px``.
+    dtype : str
+        ``"float16"`` (default), ``"float32"`` or ``"uint8"`` (P x 255, rounded).
+    batch_size : int
+        Patches per forward pass.  Every pass has exactly this many patches
+        (the last one is padded) so results never depend on the block layout.
+    skip_hematoxylin : bool
+        Leave blocks without hematoxylin at P = 0 without running the network.
+    hematoxylin_threshold_od, mask_mpp, margin_um : float
+        See :mod:`wsi_lymph.detection.hematoxylin`.
+    region_level0 : (x, y, width, height) or None
+        Analyse only this level-0 rectangle (pixels); patches at its border
+        still see the real neighbouring tissue.
+    device : str or None
+        Torch device for inference; None = CUDA when the worker has it, else CPU.
+    torch_threads : int or None
+        Intra-op threads per inference task (None = torch default).
+    """
+
+    stride_px: int = 1
+    mirror: bool = False
+    chunk_px: int = 512
+    block_px: int = 512
+    dtype: str = "float16"
+    batch_size: int = 512
+    skip_hematoxylin: bool = True
+    hematoxylin_threshold_od: float = DEFAULT_THRESHOLD_OD
+    mask_mpp: float = DEFAULT_MASK_MPP
+    margin_um: float = DEFAULT_MARGIN_UM
+    region_level0: tuple[int, int, int, int] | None = None
+    device: str | None = None
+    torch_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.stride_px < 1:
+            raise ValueError(f"stride must be >= 1 model-frame pixel, got {self.stride_px}")
+        if self.chunk_px < 1 or self.block_px % self.chunk_px:
+            raise ValueError(f"block_px ({self.block_px}) must be a positive multiple of chunk_px ({self.chunk_px})")
+        if self.dtype not in STORE_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(STORE_DTYPES)}, got {self.dtype!r}")
+
+
+@dataclass
+class SlideResult:
+    """Outcome of one slide of a batch."""
+
+    path: str
+    name: str
+    status: str = "pending"  # "done" or "failed"
+    reason: str = ""
+    output: str = ""
+    blocks_total: int = 0
+    blocks_skipped: int = 0
+    patches: int = 0
+    hematoxylin_mm2: float = 0.0  # analysed area with hematoxylin (cells above the threshold)
+    tissue_mm2: float = 0.0  # analysed area that is tissue rather than glass
+    seconds: dict = field(default_factory=dict)
+    blocks_resumed: int = 0  # finished before an interruption, not recomputed
+    reused: bool = False  # the map was already complete in the output folder
+
+    @property
+    def skipped_fraction(self) -> float:
+        return self.blocks_skipped / self.blocks_total if self.blocks_total else 0.0
+
+
+@dataclass(frozen=True)
+class PeakOptions:
+    """Peak detection after the map (``wsi-lymph detect``); None in a batch means maps only.
+
+    Attributes
+    ----------
+    threshold : float or None
+        Threshold on smoothed P; None = the model's own (0.7706 for the paper's).
+    peak_block_px : int
+        Edge of one ``peaks`` task in model-frame pixels (rounded to whole map chunks).
+    """
+
+    threshold: float | None = None
+    peak_block_px: int = PEAK_BLOCK_PX

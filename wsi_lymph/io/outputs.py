@@ -1,0 +1,184 @@
+"""Per-slide outputs that pathologists' tools open: centres as CSV/Parquet/GeoJSON and a summary.
+
+Coordinates are level-0 pixels of the slide, ``x`` = column, ``y`` = row,
+pixel centres at integer values (OpenSlide/QuPath convention); ``x_um``/``y_um``
+multiply them by the slide's level-0 µm/px.  Every file is written under a
+temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from wsi_lymph.slides.frame import ModelFrame, frame_to_level0
+
+CENTRE_COLUMNS = ("x", "y", "x_um", "y_um", "probability")
+LYMPHOCYTE_COLOUR_RGB = (0, 160, 255)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | Callable[[Path], None], *, fsync: bool = False) -> None:
+    """Write a file through a hidden temporary file in the same folder and a rename.
+
+    Parameters
+    ----------
+    path : path-like
+        The file; readers see either its old content or the new one, never a part.
+    data : bytes or callable
+        The content, or a function that writes the file it is given (e.g. an image writer).
+    fsync : bool
+        Flush the file to disk before the rename (logs that must survive a machine crash).
+    """
+    path = Path(path)
+    # Hidden name in the same folder: os.replace is atomic within one file system, and folder
+    # scans skip names starting with '.', so a crash leaves no half-written file under a real name.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        if callable(data):
+            data(tmp)
+        else:
+            tmp.write_bytes(data)
+        if fsync:
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def centres_table(centres_rc: np.ndarray, scores: np.ndarray, frame: ModelFrame, origin_rc, mpp: float) -> dict:
+    """Columns of the centre table from model-frame (row, col) indices of a map with origin ``origin_rc``.
+
+    Returns
+    -------
+    dict of np.ndarray
+        ``x``, ``y`` (level-0 px), ``x_um``, ``y_um`` (µm from the slide's top-left corner), ``probability``
+        (the smoothed P at the centre, the value the threshold was applied to).
+    """
+    rc = np.asarray(centres_rc, dtype=np.float64).reshape(-1, 2) + np.asarray(origin_rc, dtype=np.float64)
+    xy = frame_to_level0(rc, frame)
+    return {
+        "x": np.round(xy[:, 0], 4), "y": np.round(xy[:, 1], 4),
+        "x_um": np.round(xy[:, 0] * mpp, 4), "y_um": np.round(xy[:, 1] * mpp, 4),
+        "probability": np.round(np.asarray(scores, dtype=np.float64), 4),
+    }
+
+
+def write_centres_csv(path: Path, table: dict) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CENTRE_COLUMNS)
+    writer.writerows(zip(*(table[name].tolist() for name in CENTRE_COLUMNS), strict=True))
+    write_atomic(path, buffer.getvalue().encode())
+
+
+def write_centres_parquet(path: Path, table: dict) -> bool:
+    """Parquet copy of the table; returns False (and writes nothing) when pyarrow is missing."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        return False
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({name: table[name] for name in CENTRE_COLUMNS}), sink)
+    write_atomic(path, sink.getvalue().to_pybytes())
+    return True
+
+
+def write_centres_geojson(path: Path, table: dict) -> None:
+    """Point detections classified "Lymphocyte", as QuPath imports them (File > Import objects)."""
+    features = [
+        {
+            "type": "Feature",
+            "id": str(uuid.uuid5(uuid.NAMESPACE_OID, f"{path.parent.name}:{x}:{y}")),
+            "geometry": {"type": "Point", "coordinates": [x, y]},
+            "properties": {
+                "objectType": "detection",
+                "classification": {"name": "Lymphocyte", "color": list(LYMPHOCYTE_COLOUR_RGB)},
+                "measurements": {"probability": p},
+            },
+        }
+        for x, y, p in zip(table["x"].tolist(), table["y"].tolist(), table["probability"].tolist(), strict=True)
+    ]
+    write_atomic(path, json.dumps({"type": "FeatureCollection", "features": features}).encode())
+
+
+def write_json(path: Path, payload: dict) -> None:
+    write_atomic(path, (json.dumps(payload, indent=2, default=str) + "\n").encode())
+
+
+def _png_bytes(rgb: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_overlay_png(path: Path, thumbnail_rgb: np.ndarray, centres_xy: np.ndarray, scale: float) -> None:
+    """A thumbnail with a circle around every centre.
+
+    Parameters
+    ----------
+    thumbnail_rgb : np.ndarray
+        (rows, cols, 3) uint8 image of the analysed area.
+    centres_xy : np.ndarray
+        (n, 2) centres in the thumbnail's own pixel coordinates (x, y).
+    scale : float
+        Thumbnail pixels per level-0 pixel (sets the circle radius to ~a lymphocyte, 3.5 µm at 0.5 µm/px).
+    """
+    from skimage.draw import circle_perimeter
+
+    image = thumbnail_rgb.copy()
+    radius = max(2, round(7 * scale))
+    for x, y in np.round(centres_xy).astype(int):
+        for r in (radius, radius + 1):
+            rows, cols = circle_perimeter(y, x, r, shape=image.shape[:2])
+            image[rows, cols] = LYMPHOCYTE_COLOUR_RGB
+    write_atomic(path, _png_bytes(image))
+
+
+def write_density_png(path: Path, centres_um: np.ndarray, extent_um: tuple[float, float, float, float],
+                      bin_um: float | None = None) -> None:
+    """Lymphocytes per mm² on a grid over the analysed area, with a colour bar.
+
+    ``extent_um`` is (x0, x1, y0, y1) of the analysed area in µm; the bin edge
+    defaults to 1/40 of the longer side, at least 25 µm.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    x0, x1, y0, y1 = extent_um
+    bin_um = bin_um or max(25.0, max(x1 - x0, y1 - y0) / 40)
+    x_edges = np.arange(x0, x1 + bin_um, bin_um)
+    y_edges = np.arange(y0, y1 + bin_um, bin_um)
+    centres_um = np.asarray(centres_um, dtype=float).reshape(-1, 2)
+    counts, _, _ = np.histogram2d(centres_um[:, 1], centres_um[:, 0], bins=(y_edges, x_edges))
+    density = counts / (bin_um / 1000.0) ** 2
+    figure, axes = plt.subplots(figsize=(6, 6 * (y1 - y0) / max(x1 - x0, 1e-9) + 0.8), dpi=100)
+    shown = axes.imshow(density, extent=(x_edges[0], x_edges[-1], y_edges[-1], y_edges[0]), cmap="magma")
+    figure.colorbar(shown, ax=axes, label="lymphocytes per mm²")
+    axes.set_xlabel("x (µm)")
+    axes.set_ylabel("y (µm)")
+    axes.set_title(f"Lymphocyte density ({bin_um:.0f} µm bins)")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", bbox_inches="tight")
+    plt.close(figure)
+    write_atomic(path, buffer.getvalue())
+
+
+def write_tutorial_pngs(folder: Path, name: str, prob: np.ndarray) -> None:
+    """The tutorial's ``<name>_prob.png`` (red = 1 - P, green = P) and ``<name>_class.png`` (P > 0.5 white)."""
+    p8 = np.clip(np.rint(prob * 255), 0, 255).astype(np.uint8)
+    rgb = np.stack([255 - p8, p8, np.zeros_like(p8)], axis=-1)
+    write_atomic(folder / f"{name}_prob.png", _png_bytes(rgb))
+    write_atomic(folder / f"{name}_class.png", _png_bytes(np.where(prob > 0.5, 255, 0).astype(np.uint8)))

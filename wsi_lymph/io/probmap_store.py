@@ -1,0 +1,95 @@
+"""The Zarr store of a probability map: create it, write blocks, record which blocks were computed, open it.
+
+A map is written to a temporary store and renamed into place when every block
+has finished (:func:`replace_dir`), so a map on disk is always complete.  Values
+are stored as float16 (default), float32 or uint8 (round(255 P)); the attribute
+``wsi_lymph.value_scale`` turns stored values back into P.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import zarr
+
+STORE_DTYPES = {"float32": 1.0, "float16": 1.0, "uint8": 1.0 / 255.0}
+
+
+def encode(prob: np.ndarray, dtype: str) -> np.ndarray:
+    """Probabilities in [0, 1] to the stored dtype (uint8 = round(255 P))."""
+    if dtype == "uint8":
+        return np.clip(np.rint(prob * 255.0), 0, 255).astype(np.uint8)
+    return prob.astype(dtype)
+
+
+def write_block(store_path: str | os.PathLike, box: tuple[int, int, int, int], origin_rc: tuple[int, int],
+                prob: np.ndarray, dtype: str) -> None:
+    """Write one block's P into its (whole) chunks of the map; ``box`` is in model-frame pixels."""
+    r0, r1, c0, c1 = box
+    array = zarr.open_array(str(store_path), mode="r+")
+    array[r0 - origin_rc[0] : r1 - origin_rc[0], c0 - origin_rc[1] : c1 - origin_rc[1]] = encode(prob, dtype)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished folder into place; an older version is removed only afterwards."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        final.rename(old)
+    tmp.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def create_partial_store(path: Path, boxes: list, origin_rc: tuple[int, int], chunk_px: int, dtype: str,
+                         attributes: dict) -> None:
+    """Create (overwrite) the empty map a slide's blocks are written into; P = 0 where nothing is written."""
+    (r0, c0), last = origin_rc, boxes[-1]
+    zarr.create_array(
+        store=str(path),
+        shape=(last[1] - r0, last[3] - c0),
+        chunks=(chunk_px, chunk_px),
+        dtype=dtype,
+        fill_value=0,
+        attributes=attributes,
+        overwrite=True,
+    )
+
+
+def computed_blocks_attr(boxes: list, keep: np.ndarray, origin_rc: tuple[int, int], block_px: int) -> dict:
+    """The blocks that were classified, as a compact map attribute (everywhere else P = 0).
+
+    Stored as a bit mask over the block grid (row-major, ``np.packbits``,
+    base64) so that it stays small for any slide size.
+    """
+    rows = 1 + (boxes[-1][0] - origin_rc[0]) // block_px
+    cols = 1 + (boxes[-1][2] - origin_rc[1]) // block_px
+    mask = np.asarray(keep, dtype=bool).reshape(rows, cols)
+    return {"block_px": block_px, "grid": [rows, cols], "bits": base64.b64encode(np.packbits(mask)).decode()}
+
+
+def computed_boxes(attrs: dict) -> list[tuple[int, int, int, int]] | None:
+    """Map-pixel boxes (r0, r1, c0, c1) outside which a stored map is 0; None if the map does not say."""
+    info = attrs.get("computed_blocks")
+    if info is None:
+        return None
+    rows, cols = info["grid"]
+    size = info["block_px"]
+    mask = np.unpackbits(np.frombuffer(base64.b64decode(info["bits"]), np.uint8), count=rows * cols)
+    return [(i * size, (i + 1) * size, j * size, (j + 1) * size)
+            for i, j in np.argwhere(mask.reshape(rows, cols).astype(bool))]
+
+
+def open_probmap(path: str | os.PathLike):
+    """Open a stored map lazily: returns (dask array of P as float32, attributes dict)."""
+    array = zarr.open_array(str(path), mode="r")
+    attrs = dict(array.attrs)["wsi_lymph"]
+    prob = da.from_zarr(array).astype(np.float32) * np.float32(attrs["value_scale"])
+    return prob, attrs
+

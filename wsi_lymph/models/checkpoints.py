@@ -1,0 +1,110 @@
+"""The checkpoint format: one ``torch.save`` of plain tensors and JSON-like metadata.
+
+A checkpoint is ``{"state_dict", "mean_bgr", "meta"}`` and loads with
+``torch.load(path, weights_only=True)``; ``meta["arch"]`` names its network in
+:data:`wsi_lymph.models.architectures.ARCHITECTURES`.  Written by the Caffe import
+and by training, read by everything that runs a model.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from wsi_lymph.models.architectures import ARCHITECTURES
+from wsi_lymph.models.networks import channel_mean
+
+CHECKPOINT_FORMAT = "wsi-lymph-checkpoint/1"
+#: Shape of a checkpoint's mean image (B, G, R planes of one 32x32 patch, 0-255 scale).
+MEAN_SHAPE = (3, 32, 32)
+
+
+class ModelError(ValueError):
+    """A model name cannot be resolved, fetched or loaded."""
+
+
+def save_checkpoint_atomic(checkpoint: dict[str, Any], out_path: str | os.PathLike[str]) -> Path:
+    """``torch.save`` to a temporary file beside ``out_path``, then rename it into place.
+
+    Readers (e.g. other worker processes) therefore never see a half-written file.
+    """
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(checkpoint, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, out_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out_path
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], device: str = "cpu"
+) -> tuple[nn.Module, torch.Tensor, dict]:
+    """Load one checkpoint written by :func:`wsi_lymph.models.caffe.import_caffe` (or training).
+
+    Parameters
+    ----------
+    path : path-like
+        Checkpoint file.
+    device : str
+        Torch device for the network, e.g. ``"cpu"`` or ``"cuda:0"``.
+
+    Returns
+    -------
+    (torch.nn.Module, torch.Tensor, dict)
+        Network in eval mode on ``device`` (the class named by
+        ``meta["arch"]``, see :data:`wsi_lymph.models.architectures.ARCHITECTURES`), (3, 32, 32) float32 mean
+        image (BGR, 0-255) on the CPU, and the metadata dict.
+
+    Raises
+    ------
+    ModelError
+        The file is missing, unreadable, or not a checkpoint of this network.
+    """
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError as exc:
+        raise ModelError(f"{path}: checkpoint file not found") from exc
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for foreign/corrupt files
+        raise ModelError(
+            f"{path}: not a readable wsi-lymph checkpoint ({type(exc).__name__}: {exc})"
+        ) from exc
+    if not isinstance(ckpt, dict) or not {"state_dict", "mean_bgr", "meta"} <= set(ckpt):
+        raise ModelError(f"{path}: not a wsi-lymph checkpoint (expected keys state_dict, mean_bgr, meta)")
+    meta = ckpt["meta"]
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ModelError(f"{path}: checkpoint format is {found!r}, expected {CHECKPOINT_FORMAT!r}")
+    arch = meta.get("arch")
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
+        known = " or ".join(repr(a) for a in ARCHITECTURES)
+        raise ModelError(f"{path}: network architecture is {arch!r}, expected {known}")
+    entry = ARCHITECTURES[arch]
+    mean = ckpt["mean_bgr"]
+    if not isinstance(mean, torch.Tensor) or tuple(mean.shape) != MEAN_SHAPE:
+        shape = tuple(mean.shape) if isinstance(mean, torch.Tensor) else type(mean).__name__
+        raise ModelError(f"{path}: mean image has shape {shape}, expected {MEAN_SHAPE}")
+    net = entry.build()
+    if entry.per_channel_mean:
+        try:
+            channel_mean(mean)
+        except ValueError as exc:
+            raise ModelError(f"{path}: {exc}") from exc
+    try:
+        net.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise ModelError(f"{path}: weights do not fit the {arch} network: {exc}") from exc
+    net.to(device).eval()
+    return net, mean.to(device="cpu", dtype=torch.float32), meta

@@ -1,0 +1,1 @@
+"""Slides read lazily, the model frame a network sees, and MATLAB-style bicubic resampling."""

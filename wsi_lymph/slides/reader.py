@@ -1,0 +1,365 @@
+"""Open whole-slide images lazily and read regions from them.
+
+Three readers, tried in this order:
+
+* OpenSlide (``openslide-python`` + ``openslide-bin``): Aperio SVS, Hamamatsu,
+  MIRAX, generic tiled TIFF, ...;
+* tifffile: plain, OME and pyramidal TIFF, also when OpenSlide refuses them;
+* Pillow: PNG, JPEG and other small single-resolution images.
+
+Coordinates are ``(x, y)`` = (column, row) in pixels of the named level, with
+level 0 the full-resolution image, like OpenSlide.  Arrays are ``(rows, cols, 3)``
+RGB ``uint8``.  Resolution (µm per pixel) is taken from the file; a value the
+caller passes overrides it; a file without one is an error, never a default.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+from dask.array.core import normalize_chunks
+
+#: Microscopy resolutions outside this range (µm/px) are screen/print defaults
+#: (72 dpi = 352.8 µm/px) written by image libraries, not scanner metadata.
+PLAUSIBLE_MPP_RANGE = (0.02, 50.0)
+
+
+class SlideError(ValueError):
+    """A slide cannot be opened or used; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    """What is known about a slide without reading its pixels.
+
+    Attributes
+    ----------
+    path : str
+        Absolute path of the file.
+    reader : str
+        ``"openslide"``, ``"tifffile"`` or ``"pillow"``.
+    level_sizes_xy : tuple of (int, int)
+        ``(width, height)`` of each pyramid level in pixels, level 0 first.
+    level_downsamples : tuple of float
+        Level-0 pixels per level pixel along x, for each level.
+    mpp : float or None
+        Level-0 resolution in µm per pixel (x; pixels are assumed square).
+    mpp_source : str
+        Where ``mpp`` came from (metadata key, ``"--mpp"``) or why it is missing.
+    vendor : str
+        Format as reported by the reader.
+    """
+
+    path: str
+    reader: str
+    level_sizes_xy: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    mpp: float | None
+    mpp_source: str
+    vendor: str = ""
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).name
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_sizes_xy)
+
+    def level_mpp(self, level: int) -> float:
+        """µm per pixel of ``level``; raises :class:`SlideError` if the slide has no resolution."""
+        return self.require_mpp() * self.level_downsamples[level]
+
+    def require_mpp(self) -> float:
+        if self.mpp is None:
+            raise SlideError(
+                f"{self.path}: no resolution (µm per pixel) in the file ({self.mpp_source}); "
+                "pass it explicitly with --mpp UM_PER_PX (e.g. --mpp 0.5 for a 20x scan, 0.25 for 40x)"
+            )
+        return self.mpp
+
+
+def _plausible(mpp: float | None) -> float | None:
+    if mpp is None or not math.isfinite(mpp):
+        return None
+    low, high = PLAUSIBLE_MPP_RANGE
+    return mpp if low <= mpp <= high else None
+
+
+def _openslide_info(path: str) -> SlideInfo:
+    import openslide
+
+    with openslide.OpenSlide(path) as slide:
+        props = slide.properties
+        raw = props.get(openslide.PROPERTY_NAME_MPP_X)
+        mpp = _plausible(float(raw)) if raw else None
+        if mpp is not None:
+            source = openslide.PROPERTY_NAME_MPP_X
+        elif raw:
+            source = f"{openslide.PROPERTY_NAME_MPP_X}={raw} µm/px is a screen/print default, not a scan resolution"
+        else:
+            source = "the file records no µm/px"
+        return SlideInfo(
+            path=path,
+            reader="openslide",
+            level_sizes_xy=tuple(tuple(map(int, d)) for d in slide.level_dimensions),
+            level_downsamples=tuple(float(d) for d in slide.level_downsamples),
+            mpp=mpp,
+            mpp_source=source,
+            vendor=props.get(openslide.PROPERTY_NAME_VENDOR, ""),
+        )
+
+
+def _tiff_mpp(page) -> tuple[float | None, str]:
+    import tifffile
+
+    tags = page.tags
+    unit = tags.get("ResolutionUnit")
+    xres = tags.get("XResolution")
+    if xres is None or unit is None or unit.value == tifffile.RESUNIT.NONE:
+        return None, "the TIFF has no XResolution with a physical unit"
+    num, den = xres.value
+    if not num or not den:
+        return None, "the TIFF XResolution is zero"
+    px_per_unit = num / den
+    um_per_unit = {tifffile.RESUNIT.INCH: 25400.0, tifffile.RESUNIT.CENTIMETER: 10000.0}.get(unit.value)
+    if um_per_unit is None:  # MILLIMETER / MICROMETER exist in some writers
+        um_per_unit = {4: 1000.0, 5: 1.0}.get(int(unit.value))
+    if um_per_unit is None:
+        return None, f"the TIFF resolution unit {unit.value!r} is unknown"
+    mpp = um_per_unit / px_per_unit
+    if _plausible(mpp) is None:
+        return None, f"the TIFF resolution ({mpp:.4g} µm/px) is a screen/print default, not a scan resolution"
+    return mpp, "TIFF XResolution"
+
+
+def _tifffile_info(path: str) -> SlideInfo:
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        levels = series.levels
+        sizes = []
+        for level in levels:
+            axes = level.axes
+            shape = dict(zip(axes, level.shape, strict=True))
+            if "Y" not in shape or "X" not in shape:
+                raise SlideError(f"{path}: TIFF series has axes {axes!r}, expected an image with Y and X")
+            sizes.append((int(shape["X"]), int(shape["Y"])))
+        samples = dict(zip(series.axes, series.shape, strict=True)).get("S", 1)
+        if samples not in (3, 4) and series.axes[-1] not in "S":
+            raise SlideError(f"{path}: TIFF series has axes {series.axes!r}; an RGB image is needed")
+        mpp = None
+        source = "the TIFF has no resolution"
+        if tif.is_ome and tif.ome_metadata:
+            mpp, source = _ome_mpp(tif.ome_metadata)
+        if mpp is None:
+            mpp, source = _tiff_mpp(levels[0].keyframe)
+        downsamples = tuple(sizes[0][0] / w for w, _ in sizes)
+        return SlideInfo(path, "tifffile", tuple(sizes), downsamples, mpp, source, "tiff")
+
+
+def _ome_mpp(ome_xml: str) -> tuple[float | None, str]:
+    import xml.etree.ElementTree as ET
+
+    root = ET.fromstring(ome_xml)
+    for element in root.iter():
+        if element.tag.endswith("Pixels") and "PhysicalSizeX" in element.attrib:
+            unit = element.attrib.get("PhysicalSizeXUnit", "µm")
+            scale = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3}.get(unit)
+            if scale is not None:
+                mpp = _plausible(float(element.attrib["PhysicalSizeX"]) * scale)
+                if mpp is not None:
+                    return mpp, "OME PhysicalSizeX"
+    return None, "OME metadata has no usable PhysicalSizeX"
+
+
+def _pillow_info(path: str) -> SlideInfo:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        width, height = image.size
+        dpi = image.info.get("dpi")
+    mpp = _plausible(25400.0 / float(dpi[0])) if dpi and dpi[0] else None
+    source = "image DPI" if mpp else "the image records no µm/px"
+    return SlideInfo(path, "pillow", ((width, height),), (1.0,), mpp, source, "image")
+
+
+def open_slide(path: str | os.PathLike, mpp: float | None = None) -> SlideInfo:
+    """Read a slide's geometry and resolution (no pixels).
+
+    Parameters
+    ----------
+    path : path-like
+        Slide file.
+    mpp : float, optional
+        Level-0 µm per pixel; overrides the file's value (``--mpp``).
+
+    Returns
+    -------
+    SlideInfo
+
+    Raises
+    ------
+    SlideError
+        The file is missing, unreadable, or no reader understands it.
+    """
+    path = os.path.abspath(path)  # keep the user's path (no symlink resolution) for messages
+    if not os.path.isfile(path):
+        raise SlideError(f"{path}: no such file")
+    if mpp is not None and not (mpp > 0 and math.isfinite(mpp)):
+        raise SlideError(f"{path}: --mpp must be a positive number of µm per pixel, got {mpp!r}")
+    reasons = []
+    info = None
+    for reader in (_openslide_info, _tifffile_info, _pillow_info):
+        try:
+            info = reader(path)
+        except SlideError:
+            raise
+        except Exception as error:  # each library raises its own types for "not mine"
+            reasons.append(f"{reader.__name__.strip('_').split('_')[0]}: {type(error).__name__}: {error}")
+            continue
+        if info.vendor == "generic-tiff":
+            # OpenSlide sees plain TIFF structure only; tifffile also reads OME
+            # metadata and SubIFD pyramids, so it describes such files better.
+            try:
+                info = _tifffile_info(path)
+            except Exception as error:
+                reasons.append(f"tifffile: {type(error).__name__}: {error}")
+        break
+    if info is None:
+        raise SlideError(f"{path}: not a readable slide or image ({'; '.join(reasons)})")
+    if mpp is not None:
+        info = replace(info, mpp=float(mpp), mpp_source="--mpp")
+    return info
+
+
+def find_slides(paths: list[str | os.PathLike]) -> list[Path]:
+    """Expand files and folders into a sorted list of candidate slide files.
+
+    Folders are searched non-recursively; hidden files are skipped; files
+    given explicitly are kept whatever their suffix (they fail later, with a
+    reason, if they are not slides).  Inside folders, every regular file is a
+    candidate so that a non-slide in a slide folder is reported, not ignored.
+    """
+    found: list[Path] = []
+    for entry in map(Path, paths):
+        if entry.is_dir():
+            found.extend(
+                sorted(p for p in entry.iterdir() if p.is_file() and not p.name.startswith("."))
+            )
+        else:
+            found.append(entry)
+    return found
+
+
+# ---------------------------------------------------------------- pixel access
+@functools.lru_cache(maxsize=16)
+def _handle(path: str, reader: str):
+    """One open handle per process and file (workers open slides themselves)."""
+    if reader == "openslide":
+        import openslide
+
+        return openslide.OpenSlide(path)
+    if reader == "tifffile":
+        import tifffile
+        import zarr
+
+        store = tifffile.imread(path, aszarr=True, series=0)
+        group = zarr.open(store, mode="r")
+        if isinstance(group, zarr.Array):
+            return [group]
+        return [group[str(i)] for i in range(len(list(group.array_keys())))]
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def read_region(info: SlideInfo, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+    """Read an RGB region of one level.
+
+    Parameters
+    ----------
+    info : SlideInfo
+        The slide (only its path and reader are used to open it in this process).
+    level : int
+        Pyramid level.
+    x, y : int
+        Top-left corner in pixels of ``level`` (column, row); must lie inside the level.
+    width, height : int
+        Region size in pixels of ``level``.
+
+    Returns
+    -------
+    np.ndarray
+        (height, width, 3) uint8 RGB.  Transparent (unscanned) areas are white.
+    """
+    level_w, level_h = info.level_sizes_xy[level]
+    if x < 0 or y < 0 or x + width > level_w or y + height > level_h or width <= 0 or height <= 0:
+        raise ValueError(
+            f"{info.path}: region x={x} y={y} {width}x{height} outside level {level} ({level_w}x{level_h})"
+        )
+    handle = _handle(info.path, info.reader)
+    if info.reader == "openslide":
+        scale = info.level_downsamples[level]
+        rgba = np.asarray(
+            handle.read_region((round(x * scale), round(y * scale)), level, (width, height))
+        )
+        # OpenSlide returns premultiplied RGBA with alpha 0 outside the scanned area.
+        rgb = rgba[..., :3].copy()
+        rgb[rgba[..., 3] == 0] = 255
+        return rgb
+    if info.reader == "tifffile":
+        array = np.asarray(handle[level][y : y + height, x : x + width])
+        if array.ndim == 2:
+            array = np.repeat(array[..., None], 3, axis=2)
+        return _to_uint8_rgb(array[..., :3], info.path)
+    return handle[y : y + height, x : x + width]
+
+
+def _to_uint8_rgb(array: np.ndarray, path: str) -> np.ndarray:
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.uint16:
+        return (array >> 8).astype(np.uint8)
+    raise SlideError(f"{path}: pixel type {array.dtype} is not supported (8- or 16-bit RGB expected)")
+
+
+def slide_to_dask(info: SlideInfo, level: int = 0, tile_px: int = 1024, name: str = "read") -> da.Array:
+    """A level as a lazy Dask array of tiles; nothing is read until computed.
+
+    Parameters
+    ----------
+    info : SlideInfo
+    level : int
+    tile_px : int
+        Chunk edge in pixels of ``level``.
+    name : str
+        Task-name prefix shown in the Dask dashboard.
+
+    Returns
+    -------
+    dask.array.Array
+        (height, width, 3) uint8 RGB with chunks ``(tile_px, tile_px, 3)``.
+    """
+    width, height = info.level_sizes_xy[level]
+    chunks = normalize_chunks((tile_px, tile_px, 3), shape=(height, width, 3))
+
+    def read_tile(block_info=None):
+        (y0, y1), (x0, x1), _ = block_info[None]["array-location"]
+        return read_region(info, level, x0, y0, x1 - x0, y1 - y0)
+
+    return da.map_blocks(read_tile, chunks=chunks, dtype=np.uint8, name=f"{name}-{_token(info, level)}")
+
+
+def _token(info: SlideInfo, level: int) -> str:
+    from dask.base import tokenize
+
+    return tokenize(info, level)

@@ -1,0 +1,1 @@
+"""Training as in the paper: data sets, synthetic data, patches, folds, training and cross-validation."""

@@ -1,0 +1,572 @@
+"""Distil the paper's ensemble into the fast sub-pixel student (``wsi-lymph distill``).
+
+The recipe, each step resumable (a finished step's files are reused):
+
+1. **prepare**: every image of the plan (a slide region or a whole image, with its
+   µm/px) is read at the level the engine would read, stain-normalised to the
+   reference domain (Reinhard, :mod:`wsi_lymph.detection.stain`, statistics of the
+   whole image's tissue) and written as a small TIFF with its resolution
+   (``OUT/images/<name>.tif``);
+2. **teacher**: the teacher's maps of those files, computed by the engine itself
+   (``OUT/teacher/<name>/prob.zarr``: the ensemble, stride 4 with its cubic filling);
+3. **train**: the student learns the teacher's map from the same normalised
+   pixels, read through the same code the engine runs (:func:`student_inputs`), with
+   flips, 90° rotations and stain jitter; checkpoints let a stopped run resume;
+4. **evaluate**: threshold chosen leave-one-crop-out on the annotated crops,
+   concordance with the teacher on held-out images, then ``model.pt`` and
+   ``model-card.json``.
+
+Images are split by image: the plan names each ``train`` or ``heldout``, and the
+annotated crops are never trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pooch
+import tifffile
+import torch
+from skimage.color import hed2rgb, rgb2hed
+from torch import nn
+from torch.nn import functional as F
+
+from wsi_lymph import __version__
+from wsi_lymph.constants import (
+    CLEAR_RADIUS_PX,
+    DEFAULT_TOLERANCE_UM,
+    FRAME_SCALE,
+    MODEL_FRAME_MPP,
+    SMOOTH_RADIUS_PX,
+    SOURCE_SCAN_MPP,
+)
+from wsi_lymph.detection.evaluate import DetectionScore, match_points, pooled
+from wsi_lymph.detection.hematoxylin import TISSUE_OD, tissue_pixels
+from wsi_lymph.detection.inference import slide_window_reader, window_probabilities
+from wsi_lymph.detection.peaks import greedy_peaks, smooth_probability
+from wsi_lymph.detection.stain import (
+    LabStatistics,
+    ReinhardTransform,
+    lab_statistics,
+    pooled_statistics,
+    slide_lab_statistics,
+)
+from wsi_lymph.engine.batch import run_probmaps
+from wsi_lymph.engine.params import ProbmapParams
+from wsi_lymph.io.outputs import write_atomic
+from wsi_lymph.io.probmap_store import open_probmap
+from wsi_lymph.models.architectures import STUDENT_ARCH
+from wsi_lymph.models.checkpoints import CHECKPOINT_FORMAT, MEAN_SHAPE, save_checkpoint_atomic
+from wsi_lymph.models.device import select_device
+from wsi_lymph.models.networks import STUDENT_UPSCALE, SubpixelStudentNet
+from wsi_lymph.models.registry import load_model
+from wsi_lymph.slides.frame import choose_frame, coarser_frame, read_frame_window
+from wsi_lymph.slides.reader import open_slide, read_region
+from wsi_lymph.training.cv import choose_threshold, detect_in_image
+from wsi_lymph.training.dataset import AnnotatedImage, read_dataset
+from wsi_lymph.training.settings import StudentRecipe
+
+#: Name of the distilled student in checkpoints and model cards.
+STUDENT_NAME = "wsi-lymph-student"
+#: µm/px of the annotated crops (20x, as in the paper's data set).
+CROPS_MPP = 0.5
+#: Level pixels kept around a plan's region, so the teacher's patches at its border see real tissue.
+PREPARE_MARGIN_PX = 24
+
+
+@dataclass(frozen=True)
+class PlanImage:
+    """One image of a distillation plan.
+
+    Attributes
+    ----------
+    name : str
+        Unique name; files are ``images/<name>.tif`` and ``teacher/<name>/``.
+    path : str
+        Slide or image file.
+    mpp : float or None
+        Level-0 µm/px (None: the file's own).
+    region_level0 : (x, y, width, height) or None
+        Level-0 rectangle (pixels); None = the whole image.
+    role : str
+        ``"train"`` or ``"heldout"`` (concordance only).
+    """
+
+    name: str
+    path: str
+    mpp: float | None = None
+    region_level0: tuple[int, int, int, int] | None = None
+    role: str = "train"
+
+
+def read_plan(path: str | os.PathLike) -> list[PlanImage]:
+    """Images of a plan file: JSON ``{"images": [{"name", "path", "mpp", "region", "role"}, ...]}``.
+
+    Relative paths are taken relative to the plan file's folder.
+    """
+    path = Path(path)
+    try:
+        entries = json.loads(path.read_text())["images"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: not a distillation plan ({error})") from None
+    images = []
+    for entry in entries:
+        file = Path(entry["path"])
+        region = entry.get("region")
+        images.append(PlanImage(
+            name=entry["name"], path=str(file if file.is_absolute() else path.parent / file), mpp=entry.get("mpp"),
+            region_level0=tuple(region) if region else None, role=entry.get("role", "train"),
+        ))
+    names = [image.name for image in images]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path}: image names must be unique, got {names}")
+    return images
+
+
+def reference_statistics(crop_paths: list[str | os.PathLike]) -> LabStatistics:
+    """The reference stain domain: L*a*b* statistics pooled over the tissue of the given images (the paper's crops)."""
+    stats, counts = [], []
+    for crop in crop_paths:
+        rgb = np.asarray(tifffile.imread(crop))[..., :3]
+        mask = tissue_pixels(rgb, TISSUE_OD)
+        stats.append(lab_statistics(rgb, mask))
+        counts.append(float(mask.sum()))
+    return pooled_statistics(stats, counts)
+
+
+def prepare_image(image: PlanImage, reference: LabStatistics, out_dir: str | os.PathLike) -> Path:
+    """Write ``out_dir/<name>.tif``: the image's region at the engine's level, stain-normalised, with its µm/px.
+
+    Returns the file (reused if it exists: writes are atomic, so an existing file is complete).
+    """
+    out = Path(out_dir) / f"{image.name}.tif"
+    if out.is_file():
+        return out
+    info = open_slide(image.path, mpp=image.mpp)
+    level = choose_frame(info).level
+    down = info.level_downsamples[level]
+    width, height = info.level_sizes_xy[level]
+    x, y, w, h = image.region_level0 or (0, 0, info.level_sizes_xy[0][0], info.level_sizes_xy[0][1])
+    x0 = max(0, int(x / down) - PREPARE_MARGIN_PX)
+    y0 = max(0, int(y / down) - PREPARE_MARGIN_PX)
+    x1 = min(width, int(np.ceil((x + w) / down)) + PREPARE_MARGIN_PX)
+    y1 = min(height, int(np.ceil((y + h) / down)) + PREPARE_MARGIN_PX)
+    rgb = read_region(info, level, x0, y0, x1 - x0, y1 - y0)
+    normalised = ReinhardTransform(slide_lab_statistics(info), reference)(rgb)
+    mpp = info.level_mpp(level)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, lambda tmp: tifffile.imwrite(
+        tmp, normalised, photometric="rgb", resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER",
+    ))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- training data
+
+
+@dataclass(frozen=True)
+class DistillPair:
+    """One training image: the student's input pixels and the teacher's map over them.
+
+    Attributes
+    ----------
+    inputs_bgr : np.ndarray
+        (rows, cols, 3) float32 BGR 0-255 pixels at the student's input resolution
+        (the model frame coarsened :data:`~wsi_lymph.models.networks.STUDENT_UPSCALE` times).
+    target : np.ndarray
+        (4 rows, 4 cols) float32 teacher P; model-frame pixel (r, c) lies in input pixel (r // 4, c // 4).
+    """
+
+    name: str
+    inputs_bgr: np.ndarray
+    target: np.ndarray
+
+
+def student_inputs(image_path: str | os.PathLike) -> np.ndarray:
+    """All input pixels of an image as the engine reads them for the student: BGR float32 (rows, cols, 3)."""
+    info = open_slide(image_path)
+    frame = coarser_frame(choose_frame(info), STUDENT_UPSCALE)
+    rows, cols = frame.shape_rc
+    return read_frame_window(info, frame, np.arange(rows), np.arange(cols))
+
+
+def load_pair(name: str, image_path: str | os.PathLike, teacher_map: str | os.PathLike) -> DistillPair:
+    """The input pixels of a prepared image and its teacher map, cut to the part both cover."""
+    inputs = student_inputs(image_path)
+    prob, attrs = open_probmap(teacher_map)
+    if list(attrs["origin_rc"]) != [0, 0]:
+        raise ValueError(f"{teacher_map}: a teacher map must cover its whole image (origin {attrs['origin_rc']})")
+    up = STUDENT_UPSCALE
+    rows = min(inputs.shape[0], prob.shape[0] // up)
+    cols = min(inputs.shape[1], prob.shape[1] // up)
+    target = np.asarray(prob[: rows * up, : cols * up], dtype=np.float32)
+    return DistillPair(name, np.ascontiguousarray(inputs[:rows, :cols]), target)
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def input_normalisation(pairs: list[DistillPair]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (B, G, R) mean and standard deviation of all training input pixels, 0-255 scale."""
+    pixels = np.concatenate([p.inputs_bgr.reshape(-1, 3) for p in pairs]).astype(np.float64)
+    return pixels.mean(axis=0), pixels.std(axis=0)
+
+
+def _jitter_stain(bgr: np.ndarray, rng: np.random.Generator, amount: float) -> np.ndarray:
+    """Perturb each stain's optical density (colour deconvolution, scikit-image's HED vectors)."""
+    if amount <= 0:
+        return bgr
+    hed = rgb2hed(np.clip(bgr[..., ::-1] / 255.0, 0.0, 1.0))
+    scale = 1.0 + rng.uniform(-amount, amount, 3)
+    shift = rng.uniform(-amount, amount, 3) / 10.0
+    rgb = hed2rgb(hed * scale + shift)
+    return (np.clip(rgb, 0.0, 1.0)[..., ::-1] * 255.0).astype(np.float32)
+
+
+def sample_batch(pairs: list[DistillPair], recipe: StudentRecipe, halo_px: int, step: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Crops of step ``step``: inputs (N, 3, S + 2 halo, S + 2 halo) BGR and targets (N, 1, 4 S, 4 S).
+
+    Images are drawn in proportion to their area; each crop gets one of the 8 flips/rotations
+    (exact symmetries of the 4 x 4 sub-pixel grid) and a stain perturbation.
+    """
+    rng = np.random.default_rng([recipe.seed, step])
+    size, up = recipe.crop_px, STUDENT_UPSCALE
+    areas = np.array([p.inputs_bgr.shape[0] * p.inputs_bgr.shape[1] for p in pairs], dtype=float)
+    inputs, targets = [], []
+    for index in rng.choice(len(pairs), size=recipe.batch_size, p=areas / areas.sum()):
+        pair = pairs[index]
+        rows, cols = pair.inputs_bgr.shape[:2]
+        i0 = int(rng.integers(0, rows - size - 2 * halo_px + 1))
+        j0 = int(rng.integers(0, cols - size - 2 * halo_px + 1))
+        x = pair.inputs_bgr[i0 : i0 + size + 2 * halo_px, j0 : j0 + size + 2 * halo_px]
+        ti, tj = (i0 + halo_px) * up, (j0 + halo_px) * up
+        y = pair.target[ti : ti + size * up, tj : tj + size * up]
+        turns, flip = int(rng.integers(4)), bool(rng.integers(2))
+        x, y = np.rot90(x, turns), np.rot90(y, turns)
+        if flip:
+            x, y = x[:, ::-1], y[:, ::-1]
+        inputs.append(_jitter_stain(np.ascontiguousarray(x), rng, recipe.stain_jitter).transpose(2, 0, 1))
+        targets.append(np.ascontiguousarray(y)[None])
+    return np.stack(inputs).astype(np.float32), np.stack(targets).astype(np.float32)
+
+
+def _learning_rate(recipe: StudentRecipe, step: int) -> float:
+    warmup = max(1, recipe.iterations // 20)
+    if step < warmup:
+        return recipe.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, recipe.iterations - warmup)
+    return recipe.lr * (0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def _state_paths(out_dir: Path) -> list[tuple[int, Path]]:
+    found = []
+    for path in out_dir.glob("student-state-*.pt"):
+        try:
+            found.append((int(path.stem.rsplit("-", 1)[1]), path))
+        except ValueError:
+            continue
+    return sorted(found)
+
+
+def train_student(
+    pairs: list[DistillPair],
+    out_dir: str | os.PathLike,
+    recipe: StudentRecipe | None = None,
+    *,
+    device: str | None = None,
+    log=print,
+) -> tuple[SubpixelStudentNet, torch.Tensor]:
+    """Train the student on teacher maps; resumes from the newest ``student-state-*.pt`` in ``out_dir``.
+
+    Returns
+    -------
+    (SubpixelStudentNet, torch.Tensor)
+        The trained network (eval mode, CPU) and its (3, 32, 32) mean image (constant per channel).
+    """
+    recipe = recipe or StudentRecipe()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = select_device(device)
+    mean, std = input_normalisation(pairs)
+    net = SubpixelStudentNet(tuple(std)).to(device)
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    optimiser = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    start = 0
+    states = _state_paths(out_dir)
+    if states:
+        state = torch.load(states[-1][1], map_location=device, weights_only=True)
+        if state["recipe"] != asdict(recipe):
+            raise ValueError(f"{states[-1][1]}: saved with another recipe ({state['recipe']}); use a new --out")
+        net.load_state_dict(state["state_dict"])
+        optimiser.load_state_dict(state["optimiser"])
+        start = int(state["iteration"])
+        log(f"resuming the student's training at step {start} of {recipe.iterations}")
+    torch.manual_seed(recipe.seed)
+    net.train()
+    for step in range(start, recipe.iterations):
+        for group in optimiser.param_groups:
+            group["lr"] = _learning_rate(recipe, step)
+        x, y = (torch.from_numpy(a).to(device) for a in sample_batch(pairs, recipe, net.halo_px, step))
+        logits = net((x - mean_t).contiguous(memory_format=torch.channels_last))
+        loss = F.binary_cross_entropy_with_logits(logits, y, weight=1.0 + recipe.peak_weight * y)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        done = step + 1
+        if done % 100 == 0 or done == recipe.iterations:
+            log(f"step {done}/{recipe.iterations}: loss {loss.item():.4f}")
+        if done % recipe.checkpoint_every == 0 or done == recipe.iterations:
+            _save_state(out_dir, net, optimiser, done, recipe)
+    net.eval().cpu()
+    mean_image = torch.as_tensor(mean, dtype=torch.float32).view(3, 1, 1).expand(MEAN_SHAPE).contiguous()
+    return net, mean_image
+
+
+def _save_state(out_dir: Path, net: nn.Module, optimiser, iteration: int, recipe: StudentRecipe) -> None:
+    state = {"state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+             "optimiser": optimiser.state_dict(), "iteration": iteration, "recipe": asdict(recipe)}
+    save_checkpoint_atomic(state, out_dir / f"student-state-{iteration}.pt")
+    for _, old in _state_paths(out_dir)[:-2]:
+        old.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+#: Thresholds swept on the annotated crops (the student's maps are smooth, so a fine step pays).
+CROP_SWEEP = np.round(np.arange(0.30, 0.995, 0.005), 3)
+#: Sizes of the synthetic stain shifts of the robustness curve (HED scale ``1 ± s``, shift ``± s / 10``).
+STAIN_SHIFTS = (0.0, 0.1, 0.2, 0.3, 0.4)
+
+
+def crop_detections(members: list, crops: list[AnnotatedImage], reference: LabStatistics | None, *,
+                    device: str = "cpu", threshold: float = 0.3) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Centres (x, y) and scores on each crop, normalised to ``reference`` first (None: as they are)."""
+    detections = []
+    for crop in crops:
+        rgb = crop.rgb if reference is None else ReinhardTransform(lab_statistics(crop.rgb), reference)(crop.rgb)
+        detections.append(detect_in_image(members, rgb, scale=FRAME_SCALE, threshold=threshold, device=device))
+    return detections
+
+
+def leave_one_crop_out(names: list[str], detections: list, truths: list[np.ndarray], tolerance_px: float) -> dict:
+    """Thresholds chosen on all crops but one and scored on that one, for each crop; and the one chosen on all."""
+    per_crop, held_scores = [], []
+    for k, name in enumerate(names):
+        rest = [i for i in range(len(names)) if i != k]
+        threshold, _ = choose_threshold([detections[i] for i in rest], [truths[i] for i in rest], tolerance_px,
+                                        CROP_SWEEP)
+        score = match_points(detections[k][0][detections[k][1] > threshold], truths[k], tolerance_px)
+        held_scores.append(score)
+        per_crop.append({"image": name, "threshold": threshold, **score.as_dict()})
+    shipped, on_all = choose_threshold(detections, truths, tolerance_px, CROP_SWEEP)
+    return {"per_crop": per_crop, "pooled": pooled(held_scores).as_dict(), "threshold_all_crops": shipped,
+            "score_all_crops_at_it": on_all.as_dict(), "tolerance_px": tolerance_px}
+
+
+def stain_shift_curve(members: list, crops: list[AnnotatedImage], reference: LabStatistics, threshold: float,
+                      tolerance_px: float, *, draws: int = 4, device: str = "cpu") -> list[dict]:
+    """Pooled F on the crops under HED stain shifts of increasing size, with and without normalisation."""
+    rows = []
+    for shift in STAIN_SHIFTS:
+        for normalise in (True, False):
+            scores = []
+            for draw in range(draws):
+                rng = np.random.default_rng([draw, int(shift * 1000)])
+                shifted = [_shifted_crop(c, rng, shift) for c in crops]
+                dets = crop_detections(members, shifted, reference if normalise else None, device=device,
+                                       threshold=threshold)
+                scores += [match_points(xy, c.centers_rc[:, ::-1], tolerance_px) for (xy, _), c in zip(dets, crops,
+                                                                                             strict=True)]
+            rows.append({"shift": shift, "normalised": normalise, **pooled(scores).as_dict()})
+    return rows
+
+
+def _shifted_crop(crop: AnnotatedImage, rng: np.random.Generator, amount: float) -> AnnotatedImage:
+    bgr = crop.rgb[..., ::-1].astype(np.float32)
+    rgb = np.rint(_jitter_stain(bgr, rng, amount)[..., ::-1]).astype(np.uint8)
+    return replace(crop, rgb=rgb)
+
+
+def image_map(members: list, image_path: str | os.PathLike, *, device: str = "cpu") -> np.ndarray:
+    """The whole model-frame map of an image, through the engine's kernel (as a single block)."""
+    info = open_slide(image_path)
+    frame = choose_frame(info)
+    box = (0, frame.shape_rc[0], 0, frame.shape_rc[1])
+    prob, _ = window_probabilities(slide_window_reader(info, frame), box, members, stride_px=4, device=device)
+    return prob
+
+
+def concordance(student_map: np.ndarray, teacher_map: np.ndarray, mpp: float, student_threshold: float,
+                teacher_threshold: float, tolerance_um: float = DEFAULT_TOLERANCE_UM) -> dict:
+    """Student centres against the teacher's on the same image, matched one-to-one within ``tolerance_um``."""
+    rows = min(student_map.shape[0], teacher_map.shape[0])
+    cols = min(student_map.shape[1], teacher_map.shape[1])
+    student, teacher = student_map[:rows, :cols], teacher_map[:rows, :cols]
+    found = [greedy_peaks(smooth_probability(m, SMOOTH_RADIUS_PX), t, CLEAR_RADIUS_PX)
+             for m, t in ((student, student_threshold), (teacher, teacher_threshold))]
+    score = match_points(found[0][:, ::-1].astype(float), found[1][:, ::-1].astype(float), tolerance_um / mpp)
+    return {"student_centres": len(found[0]), "teacher_centres": len(found[1]), **score.as_dict(),
+            "map_correlation": float(np.corrcoef(student.ravel(), teacher.ravel())[0, 1])}
+
+
+# ---------------------------------------------------------------------------------------------- the command
+
+
+def _train_task(pairs_spec: list[tuple[str, str, str]], out_dir: str, recipe: StudentRecipe, device: str | None
+                ) -> tuple[dict, torch.Tensor]:
+    """One ``distill-train`` task: load the pairs on the worker, train (resuming), return weights and mean image."""
+    pairs = [load_pair(*spec) for spec in pairs_spec]
+    net, mean_image = train_student(pairs, out_dir, recipe, device=device)
+    return {k: v.detach().cpu() for k, v in net.state_dict().items()}, mean_image
+
+
+def run_distill(
+    client,
+    plan: list[PlanImage],
+    crops_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    recipe: StudentRecipe | None = None,
+    *,
+    teacher: str = "janowczyk2016",
+    teacher_stride_px: int = 4,
+    heldout_stride_px: int = 2,
+    model_source: str | None = None,
+    resources: dict | None = None,
+    device: str | None = None,
+    log=print,
+) -> Path:
+    """The whole recipe of this module on ``client``; returns ``OUT/model.pt`` (``OUT/model-card.json`` beside it).
+
+    Parameters
+    ----------
+    client : distributed.Client
+        Cluster the teacher's ``infer`` tasks and the ``distill-train`` task run on.
+    plan : list of PlanImage
+        Training and held-out images (:func:`read_plan`).
+    crops_dir : path-like
+        Annotated crops (any layout of :func:`wsi_lymph.training.dataset.read_dataset`): the stain
+        reference and the threshold; never trained on.
+    out_dir : path-like
+        Work and output folder; a rerun reuses every finished step.
+    recipe : StudentRecipe
+    teacher : str
+        The teacher model (default the paper's 5-fold ensemble).
+    teacher_stride_px, heldout_stride_px : int
+        Stride of the teacher's maps on training and held-out images.
+    resources : dict, optional
+        Dask resources of the training task (``{"GPU": 1}`` on GPU clusters).
+    device : str, optional
+        Torch device of the training task (default: CUDA when the worker has it).
+    """
+    recipe = recipe or StudentRecipe()
+    out = Path(out_dir)
+    crops = read_dataset(crops_dir)
+    reference = reference_statistics([c.image_path for c in crops])
+    prepared = _prepare_all(client, plan, reference, out / "images")
+    teacher_model = load_model(teacher, source=model_source)
+    train = [im for im in plan if im.role == "train"]
+    heldout = [im for im in plan if im.role == "heldout"]
+    log(f"teacher maps ({teacher}, stride {teacher_stride_px}) of {len(train)} training images")
+    _teacher_maps(client, [prepared[im.name] for im in train], out / "teacher", teacher, teacher_stride_px,
+                  model_source)
+    log(f"teacher maps (stride {heldout_stride_px}) of {len(heldout)} held-out images")
+    _teacher_maps(client, [prepared[im.name] for im in heldout], out / f"teacher-stride{heldout_stride_px}", teacher,
+                  heldout_stride_px, model_source)
+    specs = [(im.name, str(prepared[im.name]), str(out / "teacher" / im.name / "prob.zarr")) for im in train]
+    log(f"training the student ({recipe.iterations} steps) as one task")
+    future = client.submit(_train_task, specs, str(out / "training"), recipe, device, key="distill-train-" +
+                           _token(specs, recipe), resources=resources, retries=2, pure=False)
+    state_dict, mean_image = future.result()
+    net = SubpixelStudentNet()
+    net.load_state_dict(state_dict)
+    members = [(net.eval(), mean_image)]
+    evaluation = _evaluate(members, crops, reference, heldout, prepared, out / f"teacher-stride{heldout_stride_px}",
+                           teacher_model.threshold, log)
+    return _write_model(out, net, mean_image, reference, evaluation, recipe, plan, prepared, teacher_model.meta,
+                        teacher_stride_px, heldout_stride_px)
+
+
+def _token(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _prepare_all(client, plan: list[PlanImage], reference: LabStatistics, folder: Path) -> dict[str, Path]:
+    """Prepared images by name, one ``prepare`` task per image (files already written are reused)."""
+    futures = {im.name: client.submit(prepare_image, im, reference, str(folder), key=f"prepare-{_token(im)}",
+                                      pure=False) for im in plan}
+    return {name: Path(future.result()) for name, future in futures.items()}
+
+
+def _teacher_maps(client, files: list[Path], out_dir: Path, teacher: str, stride_px: int,
+                  model_source: str | None) -> None:
+    """The teacher's float32 maps of whole prepared images, through the engine (finished maps are reused)."""
+    if not files:
+        return
+    results = run_probmaps(client, files, out_dir, model=teacher, params=ProbmapParams(stride_px=stride_px,
+                           dtype="float32"), model_source=model_source, progress=False, log=lambda _: None)
+    failed = [f"{r.path}: {r.reason}" for r in results if r.status != "done"]
+    if failed:
+        raise RuntimeError("teacher maps failed: " + "; ".join(failed))
+
+
+def _evaluate(members: list, crops: list[AnnotatedImage], reference: LabStatistics, heldout: list[PlanImage],
+              prepared: dict[str, Path], teacher_dir: Path, teacher_threshold: float, log) -> dict:
+    """Leave-one-crop-out threshold and accuracy, stain-shift curve, and concordance on held-out images."""
+    names = [c.image_id for c in crops]
+    truths = [c.centers_rc[:, ::-1].astype(float) for c in crops]
+    tolerance_px = DEFAULT_TOLERANCE_UM / CROPS_MPP
+    loco = leave_one_crop_out(names, crop_detections(members, crops, reference), truths, tolerance_px)
+    threshold = loco["threshold_all_crops"]
+    log(f"crops, leave one crop out: pooled F {loco['pooled']['f_score']:.3f}; threshold on all three {threshold}")
+    concordances = {}
+    for im in heldout:
+        teacher_map = np.asarray(open_probmap(teacher_dir / im.name / "prob.zarr")[0])
+        frame = choose_frame(open_slide(prepared[im.name]))
+        concordances[im.name] = concordance(image_map(members, prepared[im.name]), teacher_map, frame.mpp,
+                                            threshold, teacher_threshold)
+        log(f"{im.name}: concordance F {concordances[im.name]['f_score']:.3f}, map correlation "
+            f"{concordances[im.name]['map_correlation']:.3f}")
+    pooled_concordance = pooled([DetectionScore.from_dict(c) for c in concordances.values()]).as_dict()
+    shifts = stain_shift_curve(members, crops, reference, threshold, tolerance_px)
+    return {"crops_leave_one_out": loco, "concordance": {"per_image": concordances, "pooled": pooled_concordance},
+            "stain_shift_f": shifts, "threshold": threshold}
+
+
+def _write_model(out: Path, net: SubpixelStudentNet, mean_image: torch.Tensor, reference: LabStatistics,
+                 evaluation: dict, recipe: StudentRecipe, plan: list[PlanImage], prepared: dict[str, Path],
+                 teacher_meta: dict, teacher_stride_px: int, heldout_stride_px: int) -> Path:
+    """``model.pt`` (the checkpoint format, with threshold and stain reference) and ``model-card.json``."""
+    meta = {
+        "format": CHECKPOINT_FORMAT, "arch": STUDENT_ARCH, "name": STUDENT_NAME, "fold": None,
+        "channel_order": "BGR", "input_range": 255.0, "model_mpp": MODEL_FRAME_MPP, "source_scan_mpp": SOURCE_SCAN_MPP,
+        "frame_scale": FRAME_SCALE, "input_mpp": SOURCE_SCAN_MPP, "threshold": float(evaluation["threshold"]),
+        "class_index": 1, "stain_norm": "reinhard", "stain_reference": reference.as_dict(),
+        "created_by": f"wsi-lymph {__version__} distill",
+    }
+    model_path = out / "model.pt"
+    save_checkpoint_atomic({"state_dict": {k: v.contiguous() for k, v in net.state_dict().items()},
+                            "mean_bgr": mean_image, "meta": meta}, model_path)
+    card = {
+        "model": STUDENT_NAME, "arch": STUDENT_ARCH, "sha256": pooch.file_hash(str(model_path)),
+        "flops_per_20x_px": net.flops_per_input_px(), "parameters": sum(p.numel() for p in net.parameters()),
+        "threshold": meta["threshold"], "threshold_chosen_on": "the three annotated crops (F-optimal)",
+        "stain_norm": {"method": "reinhard", "reference": reference.as_dict(),
+                       "reference_from": "tissue of the three annotated crops (the paper's domain)"},
+        "teacher": {"name": teacher_meta.get("name"), "model_id": teacher_meta.get("model_id"),
+                    "member_sha256": teacher_meta.get("member_sha256"), "stride_px": teacher_stride_px,
+                    "heldout_stride_px": heldout_stride_px},
+        "images": [{"name": im.name, "role": im.role, "source": Path(im.path).name, "mpp": im.mpp,
+                    "region_level0": im.region_level0, "source_sha256": pooch.file_hash(im.path),
+                    "prepared_sha256": pooch.file_hash(str(prepared[im.name]))} for im in plan],
+        "recipe": asdict(recipe), "seed": recipe.seed, "evaluation": evaluation,
+        "versions": {"wsi_lymph": __version__, "torch": torch.__version__},
+    }
+    write_atomic(out / "model-card.json", json.dumps(card, indent=2).encode())
+    return model_path

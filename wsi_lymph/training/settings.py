@@ -1,0 +1,100 @@
+"""Settings of cross-validation (:class:`CVSettings`) and distillation (:class:`StudentRecipe`), apart from the
+heavy modules that use them.
+
+The command line reads its defaults from here, so ``wsi-lymph --help`` needs neither torch nor a cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from wsi_lymph.constants import DEFAULT_TOLERANCE_UM, MODEL_FRAME_MPP
+
+
+@dataclass(frozen=True)
+class CVSettings:
+    """Everything a cross-validation run depends on.
+
+    Attributes
+    ----------
+    n_folds : int
+        Folds, split by image.
+    iterations, batch_size, recipe, arch, seed
+        Training (see :func:`wsi_lymph.training.train.train_model`); the paper ran 600,000 iterations.
+    checkpoint_every, eval_every : int
+        Iterations between checkpoints / metric rows (0 = about 10 per run).
+    validation_fraction : float
+        Share of each fold's training images held out for validation (at least one image).
+    mpp : float
+        µm per pixel of the data set's images (the paper's: 0.5, 20x).
+    stride_px : int
+        Detection stride in the model frame for the paper's network (dense networks are exact at every pixel).
+    mirror : bool
+        Average each patch with its mirror at detection time.
+    tolerance_um : float
+        Matching distance between detected and annotated centres.
+    max_positive, max_negative : int
+        Patch locations per image (the paper: 2,000 and 4,000).
+    device : str or None
+        Torch device of the fold tasks; None = CUDA where the worker has it.
+    torch_threads : int or None
+        CPU threads of torch in a fold task (None = torch's default); a local cluster
+        divides the cores between its workers.
+    """
+
+    n_folds: int = 5
+    iterations: int = 20000
+    batch_size: int = 128
+    recipe: str = "paper"
+    arch: str = "paper"
+    seed: int = 0
+    checkpoint_every: int = 0
+    eval_every: int = 0
+    validation_fraction: float = 0.2
+    mpp: float = 0.5
+    stride_px: int = 2
+    mirror: bool = False
+    tolerance_um: float = DEFAULT_TOLERANCE_UM
+    max_positive: int = 2000
+    max_negative: int = 4000
+    device: str | None = None
+    torch_threads: int | None = None
+
+    @property
+    def scale(self) -> float:
+        """Model-frame pixels per image pixel (0.125 µm/px model frame)."""
+        return self.mpp / MODEL_FRAME_MPP
+
+
+@dataclass(frozen=True)
+class StudentRecipe:
+    """How the student is trained (stored in its checkpoints and model card).
+
+    Attributes
+    ----------
+    iterations, batch_size : int
+        Optimiser steps and crops per step.
+    crop_px : int
+        Input pixels per crop side (the loss covers ``4 crop_px`` model-frame pixels per side).
+    lr, weight_decay : float
+        AdamW with a linear warm-up over the first 5% of steps, then cosine decay.
+    peak_weight : float
+        Loss weight ``1 + peak_weight * P_teacher`` per pixel: the map's peaks decide the centres.
+    stain_jitter : float
+        Half-width of the uniform HED perturbation (scale ``1 ± s`` and shift ``± s / 10`` per stain).
+    seed : int
+        Crops and augmentations of step ``i`` come from a generator seeded with ``(seed, i)``,
+        so a resumed run sees exactly the crops an uninterrupted one would.
+    checkpoint_every : int
+        Steps between checkpoints (the last 2 are kept).
+    """
+
+    iterations: int = 6000
+    batch_size: int = 16
+    crop_px: int = 40
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    peak_weight: float = 4.0
+    stain_jitter: float = 0.08
+    seed: int = 0
+    checkpoint_every: int = 500
