@@ -95,10 +95,11 @@ def engine(region_px: int, workers: int) -> dict[str, tuple[float, int]]:
                 torch_threads=torch_threads_per_worker(workers),
             )
             start = time.perf_counter()
-            [result] = run_probmaps(client, [slide], out, model="janowczyk2016/fold1", params=params,
+            # A fresh output folder per run: the same folder would make the second run a skip of a finished map.
+            [result] = run_probmaps(client, [slide], Path(out) / label, model="janowczyk2016/fold1", params=params,
                                     progress=False, log=lambda line: None)
             elapsed = time.perf_counter() - start
-            assert result.status == "done", result.reason
+            assert result.status == "done" and not result.reused, result.reason
             rates[label] = (result.patches / elapsed, result.patches)
     return rates
 

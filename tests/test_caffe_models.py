@@ -84,12 +84,14 @@ def empty_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 # --------------------------------------------------------------------------- reading and import
 
 
+@pytest.mark.shared_data
 def test_known_hashes_match_readme() -> None:
     assert readme_hashes() == models.JANOWCZYK2016_SHA256
     for name, digest in readme_hashes().items():
         assert pooch.file_hash(str(RELEASED / name)) == digest
 
 
+@pytest.mark.shared_data
 def test_read_released_files() -> None:
     blobs = read_caffemodel(caffemodel(1))
     assert {k: [b.shape for b in v] for k, v in blobs.items()} == EXPECTED_SHAPES
@@ -101,6 +103,7 @@ def test_read_released_files() -> None:
     assert mean[0].mean() > mean[1].mean()
 
 
+@pytest.mark.shared_data
 @pytest.mark.parametrize("fold", FOLDS)
 def test_import_fold(fold: int, tmp_path: Path) -> None:
     out = import_caffe(
@@ -138,6 +141,7 @@ def test_import_fold(fold: int, tmp_path: Path) -> None:
     assert not net.training and meta2 == meta and mean.device.type == "cpu"
 
 
+@pytest.mark.shared_data
 def test_truncated_caffemodel(tmp_path: Path) -> None:
     bad = tmp_path / "1_truncated.caffemodel"
     bad.write_bytes(caffemodel(1).read_bytes()[:300_001])
@@ -148,6 +152,7 @@ def test_truncated_caffemodel(tmp_path: Path) -> None:
     assert not (tmp_path / "out.pt").exists()
 
 
+@pytest.mark.shared_data
 @pytest.mark.parametrize("payload", [b"", b"\xff" * 64, b"hello, this is not a protobuf message\n" * 10])
 def test_non_protobuf_input(tmp_path: Path, payload: bytes) -> None:
     bad = tmp_path / "garbage.caffemodel"
@@ -176,6 +181,7 @@ def _fake_net(layers: dict[str, list[np.ndarray]], *, legacy: bool = False) -> b
     return net.SerializeToString()
 
 
+@pytest.mark.shared_data
 def test_wrong_blob_shape(tmp_path: Path) -> None:
     blobs = read_caffemodel(caffemodel(1))
     blobs["conv2"][0] = np.zeros((32, 32, 3, 3), np.float32)
@@ -186,6 +192,7 @@ def test_wrong_blob_shape(tmp_path: Path) -> None:
         import_caffe(path, meanfile(1), tmp_path / "out.pt", name="x", fold=None)
 
 
+@pytest.mark.shared_data
 def test_missing_and_extra_layers(tmp_path: Path) -> None:
     blobs = read_caffemodel(caffemodel(1))
     without = {k: v for k, v in blobs.items() if k != "ip2"}
@@ -199,6 +206,7 @@ def test_missing_and_extra_layers(tmp_path: Path) -> None:
         caffe_to_state_dict(extra, "src.caffemodel")
 
 
+@pytest.mark.shared_data
 def test_blob_data_size_mismatch(tmp_path: Path) -> None:
     net = caffe.MESSAGES["NetParameter"]()
     blob = net.layer.add(name="conv1").blobs.add()
@@ -212,6 +220,7 @@ def test_blob_data_size_mismatch(tmp_path: Path) -> None:
         read_caffemodel(path)
 
 
+@pytest.mark.shared_data
 def test_legacy_v1_layers(tmp_path: Path) -> None:
     blobs = read_caffemodel(caffemodel(2))
     path = tmp_path / "legacy.caffemodel"
@@ -222,6 +231,7 @@ def test_legacy_v1_layers(tmp_path: Path) -> None:
     np.testing.assert_array_equal(state["ip1.weight"].numpy(), blobs["ip1"][0])
 
 
+@pytest.mark.shared_data
 def test_wrong_mean_shape(tmp_path: Path) -> None:
     blob = caffe.MESSAGES["BlobProto"](num=1, channels=3, height=16, width=16)
     blob.data.extend([0.0] * (3 * 16 * 16))
@@ -235,6 +245,7 @@ def test_wrong_mean_shape(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- fetching and the cache
 
 
+@pytest.mark.shared_data
 def test_fetch_from_file_url(empty_cache: Path, capfd: pytest.CaptureFixture[str]) -> None:
     messages: list[str] = []
     paths = models.fetch_janowczyk2016(RELEASED.as_uri(), progress=messages.append)
@@ -254,6 +265,7 @@ def test_fetch_from_file_url(empty_cache: Path, capfd: pytest.CaptureFixture[str
     assert [p.stat().st_mtime_ns for p in paths] == mtimes
 
 
+@pytest.mark.shared_data
 def test_fetch_from_env_source_plain_folder(empty_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(models.SOURCE_ENV, str(RELEASED))  # a folder path, not a URL
     messages: list[str] = []
@@ -283,6 +295,7 @@ def http_mirror() -> Iterator[str]:
         thread.join()
 
 
+@pytest.mark.shared_data
 def test_fetch_over_http(empty_cache: Path, http_mirror: str) -> None:
     messages: list[str] = []
     paths = models.fetch_janowczyk2016(http_mirror, progress=messages.append, folds=[3])
@@ -297,6 +310,7 @@ def test_fetch_over_http(empty_cache: Path, http_mirror: str) -> None:
     assert sorted(p.name for p in downloads.iterdir()) == [models.caffemodel_filename(3), models.mean_filename(3)]
 
 
+@pytest.mark.shared_data
 def test_corrupt_download_is_fetched_again(empty_cache: Path) -> None:
     models.fetch_janowczyk2016(str(RELEASED), folds=[2])
     cached = empty_cache / "downloads" / "janowczyk2016" / models.caffemodel_filename(2)
@@ -324,12 +338,14 @@ def test_source_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     assert models.resolve_source(str(tmp_path)) == tmp_path.resolve().as_uri()
 
 
+@pytest.mark.shared_data
 def test_argument_beats_env(empty_cache: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv(models.SOURCE_ENV, str(tmp_path / "does-not-exist"))
     paths = models.fetch_janowczyk2016(RELEASED.as_uri(), folds=[5])
     assert paths[0].is_file()
 
 
+@pytest.mark.shared_data
 def test_bad_mirror_content(empty_cache: Path, tmp_path: Path) -> None:
     mirror = tmp_path / "mirror"
     mirror.mkdir()
@@ -355,6 +371,7 @@ def test_download_failure_message(empty_cache: Path, tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- names and loading
 
 
+@pytest.mark.shared_data
 def test_resolve_names(use_cache: Path) -> None:
     assert len(models.resolve_model("janowczyk2016", fetch_missing=False)) == 5
     assert models.resolve_model("janowczyk2016/fold3", fetch_missing=False) == [
@@ -372,12 +389,14 @@ def test_resolve_without_fetching(empty_cache: Path) -> None:
         models.resolve_model("janowczyk2016/fold1", fetch_missing=False)
 
 
+@pytest.mark.shared_data
 def test_resolve_fetches_missing_fold(empty_cache: Path) -> None:
     paths = models.resolve_model("janowczyk2016/fold3", source=str(RELEASED))
     assert paths[0].is_file()
     assert not models.janowczyk2016_checkpoint(1).exists()  # only the fold asked for
 
 
+@pytest.mark.shared_data
 def test_load_ensemble(use_cache: Path) -> None:
     model = models.load_model("janowczyk2016", fetch_missing=False)
     assert model.name == "janowczyk2016"
@@ -399,12 +418,14 @@ def test_load_ensemble(use_cache: Path) -> None:
     assert not torch.equal(w[0], w[1])
 
 
+@pytest.mark.shared_data
 def test_load_by_path(use_cache: Path) -> None:
     model = models.load_model(str(models.janowczyk2016_checkpoint(4)))
     assert model.name == "janowczyk2016/fold4"
     assert len(model.members) == 1
 
 
+@pytest.mark.shared_data
 def test_cached_model_is_shared(use_cache: Path) -> None:
     models.cached_model.cache_clear()
     try:
@@ -414,6 +435,7 @@ def test_cached_model_is_shared(use_cache: Path) -> None:
         models.cached_model.cache_clear()
 
 
+@pytest.mark.shared_data
 def test_load_checkpoint_validation(tmp_path: Path) -> None:
     good = import_caffe(caffemodel(1), meanfile(1), tmp_path / "good.pt", name="x", fold=1)
     ckpt = torch.load(good, weights_only=True)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import MODEL_MIRROR, SLIDES
 
@@ -15,6 +16,7 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=120, env=env or os.environ.copy())
 
 
+@pytest.mark.shared_data
 def test_info_lists_levels_and_frame():
     run = _cli("info", str(SLIDES / "cmu-1-small-region.svs"), str(SLIDES / "tcga-cr-7395-01a-01-ts1.svs"))
     assert run.returncode == 0, run.stderr
@@ -23,6 +25,7 @@ def test_info_lists_levels_and_frame():
     assert "model frame: level 0 x4 -> 8880 x 11868 px" in run.stdout
 
 
+@pytest.mark.shared_data
 def test_models_fetch_and_import_caffe(tmp_path):
     env = os.environ.copy() | {"WSI_LYMPH_CACHE": str(tmp_path / "cache")}
     run = _cli("models", "fetch", "janowczyk2016", "--source", MODEL_MIRROR.as_uri(), env=env)
@@ -47,6 +50,7 @@ def test_models_fetch_and_import_caffe(tmp_path):
     assert not (tmp_path / "x.pt").exists()
 
 
+@pytest.mark.shared_data
 def test_demo_fetches_the_sample_slide_and_detects(tmp_path):
     import csv
     import json
@@ -80,6 +84,7 @@ def test_demo_fetches_the_sample_slide_and_detects(tmp_path):
     assert run.returncode == 1 and "CMU-1-Small-Region.svs" in run.stderr and "--source" in run.stderr
 
 
+@pytest.mark.shared_data
 def test_detect_with_a_missing_model_is_a_clear_error(tmp_path):
     import os
     import subprocess

@@ -147,6 +147,7 @@ def test_scheduler_refuses_clients_without_the_clusters_certificates(tmp_path):
     assert not private.exists()  # the workers' copies of the certificates are gone with the cluster
 
 
+@pytest.mark.shared_data
 def test_dashboard_answers_during_a_run_and_names_the_stages(model_cache, tmp_path, capsys):
     """detect and cv on a fresh local cluster: /status answers during the run, the task prefixes are the stages."""
     from wsi_lymph.engine.batch import run_detect

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import tifffile
 from conftest import CROPS
 
@@ -53,6 +54,7 @@ def test_cv_runs_five_folds_by_image_and_beats_the_baseline(tmp_path):
     assert "| pooled |" in table and f"{network['f_score']:.3f}" in table
 
 
+@pytest.mark.shared_data
 def test_image_probabilities_equal_the_slide_engine(client, tmp_path):
     from wsi_lymph.detection.inference import image_probabilities
     from wsi_lymph.engine.batch import run_probmaps
@@ -85,6 +87,7 @@ def test_dataset_check_reports_problems_and_passes_a_clean_set(tmp_path):
         assert name in run.stdout, (name, run.stdout)
 
 
+@pytest.mark.shared_data
 def test_engine_evaluates_a_dense_model_fully_convolutionally(client, tmp_path):
     import torch
     from test_dense import _meta, channel_mean_image, random_dense_net

@@ -58,6 +58,7 @@ def test_paper_layout_round_trip_in_natural_order(tmp_path):
         np.testing.assert_array_equal(image.mask(), center_mask((40, 50), centers))
 
 
+@pytest.mark.shared_data
 def test_seed_layout_on_the_real_crops_in_place():
     images = read_dataset(CROPS)
     assert [image.image_id for image in images] == ["example_1", "example_2", "example_3"]
@@ -71,6 +72,7 @@ def test_seed_layout_on_the_real_crops_in_place():
     assert report.ok and (report.images, report.centers) == (3, sum(SEED_COUNTS.values()))
 
 
+@pytest.mark.shared_data
 def test_real_crops_written_in_the_paper_layout_read_back_identically(tmp_path):
     """The fixture docs/method.md asks for: the real seeds converted to the paper's RGBA masks."""
     crops = read_dataset(CROPS)
@@ -244,6 +246,7 @@ def test_center_mask_and_write_arguments(tmp_path):
     assert not list(tmp_path.iterdir()), "a refused write must leave nothing behind"
 
 
+@pytest.mark.shared_data
 def test_evaluate_read_points_agrees_on_the_real_seeds():
     """``wsi_lymph.detection.evaluate.read_points`` gives (x, y); the data set (row, col) of the same pixels."""
     from wsi_lymph.detection.evaluate import read_points

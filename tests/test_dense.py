@@ -96,6 +96,7 @@ def test_mirror_alignment_matches_mirrored_patches(members):
     assert np.abs(mirrored[:, 1:] - plain[:, :-1]).max() > 1e-3
 
 
+@pytest.mark.shared_data
 def test_dense_on_real_crop_upscaled_4x(members):
     """A 128x128 region of example_1 upscaled 4x (MATLAB bicubic); mirrored oversampling on a part of it."""
     image = tifffile.imread(CROPS / "example_1.tif")  # (100, 100, 3) uint8 RGB

@@ -32,6 +32,7 @@ from wsi_lymph.slides.reader import open_slide
 FOLD = "janowczyk2016/fold1"
 
 
+@pytest.mark.shared_data
 def test_detect_writes_outputs_that_read_back(client, tmp_path):
     slides = [CROPS / f"example_{i}.tif" for i in (1, 2, 3)] + [CROPS / "missing.tif"]
     params = ProbmapParams(stride_px=4, chunk_px=128, block_px=128, torch_threads=1)
@@ -89,6 +90,7 @@ def test_detect_writes_outputs_that_read_back(client, tmp_path):
         assert any(p == stage or p.startswith(stage + "-") for p in prefixes), (stage, prefixes)
 
 
+@pytest.mark.shared_data
 def test_ensemble_on_the_annotated_crops_and_evaluate_cli(client, tmp_path):
     """The five folds as an ensemble; ``wsi-lymph evaluate`` scores it and sweeps the threshold."""
     slides = [CROPS / f"example_{i}.tif" for i in (1, 2, 3)]
@@ -119,6 +121,7 @@ def test_ensemble_on_the_annotated_crops_and_evaluate_cli(client, tmp_path):
     assert paper.f_score >= 0.85
 
 
+@pytest.mark.shared_data
 def test_detect_over_the_shared_slides_folder(model_cache, tmp_path):
     out = tmp_path / "out"
     run = subprocess.run(
@@ -215,6 +218,7 @@ def _block_sets(mask: np.ndarray, chunks) -> list[set[tuple[int, int]]]:
     return blocks
 
 
+@pytest.mark.shared_data
 def test_detect_peak_stage_equals_one_global_greedy_pass(client, tmp_path):
     """`wsi-lymph detect`'s own peak stage on a map of 4 x 4 peak blocks == one global greedy pass.
 

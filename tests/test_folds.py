@@ -41,6 +41,7 @@ def test_make_folds_splits_by_image_balanced_and_deterministic():
         make_folds(["a", "a", "b"], 2)
 
 
+@pytest.mark.shared_data
 def test_write_folds_lists_and_mean_images_match_the_zarr(patches_zarr, tmp_path):
     folds = make_folds(["1", "2", "3"], n_folds=3, seed=2)
     path = write_folds(folds, patches_zarr, tmp_path / "folds", seed=2)
@@ -86,6 +87,7 @@ def test_write_folds_lists_and_mean_images_match_the_zarr(patches_zarr, tmp_path
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
+@pytest.mark.shared_data
 def test_write_folds_refuses_leaks_and_unknown_images(patches_zarr, tmp_path):
     with pytest.raises(ValueError, match="both sides"):
         write_folds([Fold(1, ["1", "2"], ["2", "3"])], patches_zarr, tmp_path)

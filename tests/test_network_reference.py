@@ -106,6 +106,7 @@ def _patches(rng: np.random.Generator, mean: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- tests
 
 
+@pytest.mark.shared_data
 def test_patchnet_matches_caffe_reference(members: list[tuple[PatchNet, torch.Tensor]]) -> None:
     net, mean = members[0]
     params = {k: v.double().numpy() for k, v in net.state_dict().items()}
@@ -141,6 +142,7 @@ def test_reference_pooling_matches_torch_ceil_mode() -> None:
     np.testing.assert_allclose(av, ref_pool(x, 3, 2, "ave"), atol=1e-12)
 
 
+@pytest.mark.shared_data
 def test_mirror_matches_caffe_oversample(members: list[tuple[PatchNet, torch.Tensor]]) -> None:
     net, mean = members[0]
     params = {k: v.double().numpy() for k, v in net.state_dict().items()}
@@ -157,6 +159,7 @@ def test_mirror_matches_caffe_oversample(members: list[tuple[PatchNet, torch.Ten
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
 
 
+@pytest.mark.shared_data
 @pytest.mark.parametrize("stride", [1, 3])
 @pytest.mark.parametrize("mirror", [False, True])
 def test_patch_grid_matches_single_patches(

@@ -43,6 +43,7 @@ def full(images):
     return {image.image_id: extract_image_patches(image, seed=7) for image in images}
 
 
+@pytest.mark.shared_data
 def test_mean_image_bgr_is_caffe_layout_and_chunk_independent():
     rng = np.random.default_rng(0)
     patches = rng.integers(0, 256, size=(300, 32, 32, 3), dtype=np.uint8)
@@ -83,6 +84,7 @@ def test_gaussian_naive_bayes_posterior():
     assert np.isfinite(one).all() and one[0] > 0.5
 
 
+@pytest.mark.shared_data
 def test_counts_rotations_and_patch_geometry_at_defaults(images, full):
     for image in images:
         ps = full[image.image_id]
@@ -122,6 +124,7 @@ def test_counts_rotations_and_patch_geometry_at_defaults(images, full):
                 np.testing.assert_array_equal(patches[:, j], np.rot90(patches[:, 0], k=rot // 90, axes=(1, 2)))
 
 
+@pytest.mark.shared_data
 def test_positive_locations_lie_in_the_upscaled_blob_of_a_real_centre(images, full):
     for image in images:
         ps = full[image.image_id]
@@ -139,6 +142,7 @@ def test_positive_locations_lie_in_the_upscaled_blob_of_a_real_centre(images, fu
         assert set(nearest.tolist()) == set(range(len(image.centers_rc)))
 
 
+@pytest.mark.shared_data
 def test_negatives_avoid_positives_and_each_other(images, full):
     for image in images:
         ps = full[image.image_id]
@@ -160,6 +164,7 @@ def test_negatives_avoid_positives_and_each_other(images, full):
     assert distance.min() >= 1 and (distance <= 5).any()
 
 
+@pytest.mark.shared_data
 def test_same_seed_same_patches_other_seed_other_patches(images, full):
     image = images[1]
     again = extract_image_patches(image, seed=7)
@@ -178,6 +183,7 @@ def _read_all(path):
     return {name: np.asarray(group[name][:]) for name in group.array_keys()}, attrs
 
 
+@pytest.mark.shared_data
 def test_dask_cluster_gives_the_same_zarr_as_in_process(images, paper_dir, tmp_path):
     from distributed import Client, LocalCluster, get_task_stream
 
@@ -212,6 +218,7 @@ def test_dask_cluster_gives_the_same_zarr_as_in_process(images, paper_dir, tmp_p
         np.testing.assert_array_equal(a["center_rc"][rows], direct.center_rc)
 
 
+@pytest.mark.shared_data
 def test_output_is_replaced_atomically_and_foreign_folders_are_kept(images, tmp_path):
     target = tmp_path / "p.zarr"
     extract_patches(None, images[:1], target, seed=1, **SMALL)
@@ -229,6 +236,7 @@ def test_output_is_replaced_atomically_and_foreign_folders_are_kept(images, tmp_
         extract_patches(None, [images[0], images[0]], tmp_path / "dup.zarr", seed=1, **SMALL)
 
 
+@pytest.mark.shared_data
 def test_png_export_uses_the_paper_names(images, tmp_path):
     from PIL import Image
 

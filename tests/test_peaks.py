@@ -87,6 +87,7 @@ def store_map(path, prob: np.ndarray, chunks, nonzero_boxes=None, box_px: int = 
     return str(path)
 
 
+@pytest.mark.shared_data
 @pytest.mark.parametrize(("chunk", "peak_block_px"), [(64, 64), (100, 100), (37, 37), (29, 29), (29, 90)])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_blockwise_equals_global_on_hard_maps(client, tmp_path, seed, chunk, peak_block_px):
@@ -106,6 +107,7 @@ def test_blockwise_equals_global_on_hard_maps(client, tmp_path, seed, chunk, pea
         np.testing.assert_array_equal(summary["values"], smoothed[summary["rows"], summary["cols"]])
 
 
+@pytest.mark.shared_data
 def test_blockwise_equals_global_with_long_chains_across_blocks(client, tmp_path):
     # A zig-zag chain of candidates spaced just under the clearing radius over many 32-px blocks.
     centres = [(40 + (i % 2) * 20, 20 + i * 26) for i in range(14)]
@@ -117,6 +119,7 @@ def test_blockwise_equals_global_with_long_chains_across_blocks(client, tmp_path
         np.testing.assert_array_equal(find_centres(client, store, peak_block_px=chunk)[0], expected)
 
 
+@pytest.mark.shared_data
 def test_blocks_thinner_than_the_halo_are_still_exact(client, tmp_path):
     # Each block reads its own halo (mirrored at the border), so no block size is too small.
     prob = _hard_map(0)
@@ -127,12 +130,14 @@ def test_blocks_thinner_than_the_halo_are_still_exact(client, tmp_path):
     np.testing.assert_array_equal(find_centres(client, store, peak_block_px=1)[0], expected)
 
 
+@pytest.mark.shared_data
 def test_no_candidates_gives_an_empty_result(client, tmp_path):
     store = store_map(tmp_path / "prob.zarr", np.zeros((64, 64), np.float32), 32)
     centres, scores = find_centres(client, store, peak_block_px=32)
     assert centres.shape == (0, 2) and scores.shape == (0,)
 
 
+@pytest.mark.shared_data
 def test_only_blocks_near_nonzero_boxes_are_computed_and_the_result_is_unchanged(client, tmp_path):
     # P is non-zero only inside a few "classified" 48-px boxes, some on block edges and corners of a
     # 32-px grid, with candidates up to their borders (smoothing spills 6 px into zero blocks).
@@ -151,3 +156,18 @@ def test_only_blocks_near_nonzero_boxes_are_computed_and_the_result_is_unchanged
     # The restriction is not vacuous: promising zeros where P is not loses centres.
     wrong = store_map(tmp_path / "wrong.zarr", prob, 32, nonzero_boxes=boxes[:1])
     assert len(find_centres(client, wrong, peak_block_px=32)[0]) < len(expected)
+
+
+@pytest.mark.parametrize("radius", [1, 5, 28, 29])
+def test_disk_dilation_by_distance_transform_equals_the_structuring_element(radius):
+    from scipy import ndimage
+
+    from wsi_lymph.detection.peaks import dilate_by_disk
+
+    rng = np.random.default_rng(radius)
+    mask = rng.random((160, 170)) > 0.998
+    mask[0, 0] = mask[-1, 5] = True  # at the edges too
+    offsets = np.arange(-radius, radius + 1)
+    disk = offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius * radius
+    np.testing.assert_array_equal(dilate_by_disk(mask, radius), ndimage.binary_dilation(mask, structure=disk))
+    assert not dilate_by_disk(np.zeros((5, 5), dtype=bool), radius).any()

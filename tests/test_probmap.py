@@ -86,6 +86,7 @@ def _reference_probabilities(image_rgb: np.ndarray, pixels_rc: np.ndarray, check
     return np.array(out)
 
 
+@pytest.mark.shared_data
 def test_engine_equals_per_pixel_reference(crop_maps, model_cache):
     prob = crop_maps[1][1]
     assert prob.shape == (400, 400) and prob.dtype == np.float32
@@ -101,6 +102,7 @@ def test_engine_equals_per_pixel_reference(crop_maps, model_cache):
     assert np.abs(got - expected).max() < 1e-4
 
 
+@pytest.mark.shared_data
 def test_paper_peak_procedure_finds_the_annotated_centres(crop_maps):
     centres = detect_centers(crop_maps[1][1])
     truth = level0_to_frame(crop_centers(1))
@@ -110,6 +112,7 @@ def test_paper_peak_procedure_finds_the_annotated_centres(crop_maps):
     assert score.true_positives >= 18
 
 
+@pytest.mark.shared_data
 def test_stride_keeps_the_centres(crop_maps):
     kept = {2: [0, 0], 4: [0, 0]}
     for index in (1, 2, 3):
@@ -127,6 +130,7 @@ def test_stride_keeps_the_centres(crop_maps):
     assert kept[2][0] >= 0.97 * kept[2][1]
 
 
+@pytest.mark.shared_data
 def test_map_attributes_and_report(crop_maps):
     out = crop_maps[1]["out"]
     prob, attrs = open_probmap(out / "example_1" / "prob.zarr")
@@ -157,6 +161,7 @@ class ResourceRecorder(SchedulerPlugin):
             self.seen.append(dict(self.scheduler.tasks[key].resource_restrictions or {}))
 
 
+@pytest.mark.shared_data
 def test_one_worker_other_blocks_and_storage_equal_the_2_worker_map(crop_maps, model_cache):
     from wsi_lymph.engine.cluster import dask_client
 
@@ -183,6 +188,7 @@ def test_one_worker_other_blocks_and_storage_equal_the_2_worker_map(crop_maps, m
     assert seen and all(r == {"GPU": 1} for r in seen)  # inference asks for a GPU where workers have one
 
 
+@pytest.mark.shared_data
 def test_uint8_storage_is_within_one_step(client, crop_maps, tmp_path):
     params = ProbmapParams(stride_px=4, dtype="uint8", chunk_px=256, block_px=256, torch_threads=1)
     [result] = run_probmaps(client, CROP_FILES[:1], tmp_path, model=FOLD, mpp=0.5, params=params, progress=False)
@@ -192,6 +198,7 @@ def test_uint8_storage_is_within_one_step(client, crop_maps, tmp_path):
     assert np.abs(prob.compute() - crop_maps[4][1]).max() <= 0.5 / 255 + 1e-6
 
 
+@pytest.mark.shared_data
 @pytest.mark.parametrize(
     ("slide", "mpp", "region"),
     [
@@ -227,6 +234,7 @@ def test_hematoxylin_skip_keeps_the_centres(client, tmp_path, slide, mpp, region
     assert changed < 0.01 * len(full[1])
 
 
+@pytest.mark.shared_data
 def test_slide_without_resolution_fails_clearly(client, tmp_path, model_cache):
     tcga = SLIDES / "tcga-cr-7395-01a-01-ts1.svs"
     [result] = run_probmaps(client, [tcga], tmp_path, model=FOLD, progress=False)
@@ -234,6 +242,7 @@ def test_slide_without_resolution_fails_clearly(client, tmp_path, model_cache):
     assert str(tcga) in result.reason and "--mpp" in result.reason
 
 
+@pytest.mark.shared_data
 def test_cli_folder_with_a_non_slide(tmp_path, model_cache):
     folder = tmp_path / "slides"
     folder.mkdir()

@@ -10,6 +10,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import zarr
 from conftest import SLIDES
 
@@ -24,6 +25,7 @@ def _detect(out, extra=(), **popen):
                             env=os.environ.copy(), **popen)
 
 
+@pytest.mark.shared_data
 def test_sigkill_mid_slide_then_resume(tmp_path, model_cache):
     reference = tmp_path / "uninterrupted"
     done = _detect(reference)

@@ -11,6 +11,7 @@ from wsi_lymph.slides.frame import choose_frame
 from wsi_lymph.slides.reader import SlideError, SlideInfo, find_slides, open_slide, read_region, slide_to_dask
 
 
+@pytest.mark.shared_data
 def test_cmu_small_region():
     info = open_slide(SLIDES / "cmu-1-small-region.svs")
     assert info.reader == "openslide"
@@ -21,6 +22,7 @@ def test_cmu_small_region():
     assert frame.shape_rc == (2967 * 4, 2220 * 4)
 
 
+@pytest.mark.shared_data
 def test_tcga_has_no_resolution_and_works_with_mpp():
     path = SLIDES / "tcga-cr-7395-01a-01-ts1.svs"
     info = open_slide(path)
@@ -33,6 +35,7 @@ def test_tcga_has_no_resolution_and_works_with_mpp():
     assert (frame.level, frame.frame_scale, frame.mpp) == (0, 4.0, 0.125)
 
 
+@pytest.mark.shared_data
 def test_small_pyramid_levels_and_screen_resolution_is_not_a_scan_resolution():
     info = open_slide(SLIDES / "small-he-levels.tiff")
     assert info.level_sizes_xy == ((300, 250), (150, 125), (75, 62), (37, 31))
@@ -41,6 +44,7 @@ def test_small_pyramid_levels_and_screen_resolution_is_not_a_scan_resolution():
     assert read_region(info, 3, 0, 0, 37, 31).shape == (31, 37, 3)
 
 
+@pytest.mark.shared_data
 def test_plain_tiff_crop_and_jpeg_need_mpp():
     crop = open_slide(CROPS / "example_1.tif")
     assert (crop.reader, crop.level_sizes_xy, crop.mpp) == ("tifffile", ((100, 100),), None)
@@ -77,6 +81,7 @@ def test_level_choice_prefers_a_20x_level_of_a_40x_slide():
     assert (choose_frame(only_40x).level, choose_frame(only_40x).frame_scale) == (0, 2.0)
 
 
+@pytest.mark.shared_data
 def test_lazy_dask_tiles_equal_direct_reads():
     info = open_slide(SLIDES / "cmu-1-small-region.svs")
     array = slide_to_dask(info, 0, tile_px=512)
@@ -85,6 +90,7 @@ def test_lazy_dask_tiles_equal_direct_reads():
     np.testing.assert_array_equal(array[500:530, 1000:1040].compute(), read_region(info, 0, 1000, 500, 40, 30))
 
 
+@pytest.mark.shared_data
 def test_not_a_slide_names_the_file(tmp_path):
     bad = tmp_path / "notes.txt"
     bad.write_text("not an image")

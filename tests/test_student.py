@@ -92,3 +92,93 @@ def test_reinhard_moves_an_image_to_the_reference_statistics_pixel_by_pixel():
     # Per-pixel: a crop of the transformed image is the transform of the crop.
     np.testing.assert_array_equal(transform(shifted[10:40, 20:70]), out[10:40, 20:70])
     assert source != after
+
+
+def test_the_paper_stain_reference_is_that_of_the_annotated_crops():
+    from wsi_lymph.constants import PAPER_STAIN_REFERENCE
+    from wsi_lymph.training.distill import reference_statistics
+
+    measured = reference_statistics(sorted(CROPS.glob("example_?.tif")))
+    np.testing.assert_allclose(PAPER_STAIN_REFERENCE["mean"], measured.mean, atol=1e-3)
+    np.testing.assert_allclose(PAPER_STAIN_REFERENCE["std"], measured.std, atol=1e-3)
+
+
+def test_the_shipped_student_matches_its_sha256_and_model_card():
+    import json
+
+    import pooch
+
+    from wsi_lymph.constants import DEFAULT_MODEL
+    from wsi_lymph.models.checkpoints import load_checkpoint
+    from wsi_lymph.models.registry import SHIPPED_MODELS, SHIPPED_SHA256, resolve_model
+
+    [path] = resolve_model(DEFAULT_MODEL, fetch_missing=False)
+    assert path == SHIPPED_MODELS[DEFAULT_MODEL] and pooch.file_hash(str(path)) == SHIPPED_SHA256[DEFAULT_MODEL]
+    card = json.loads(path.with_name(f"{DEFAULT_MODEL}.card.json").read_text())
+    net, _, meta = load_checkpoint(path)  # weights_only=True inside
+    assert card["sha256"] == SHIPPED_SHA256[DEFAULT_MODEL]
+    assert meta["arch"] == STUDENT_ARCH == card["arch"] and meta["threshold"] == card["threshold"]
+    assert card["flops_per_20x_px"] == net.flops_per_input_px() <= 0.2e6
+    assert meta["stain_norm"] == "reinhard" and card["teacher"]["name"] == "janowczyk2016"
+    assert len(card["teacher"]["member_sha256"]) == 5
+    trained = {im["name"] for im in card["images"] if im["role"] == "train"}
+    held_out = {im["name"] for im in card["images"] if im["role"] == "heldout"}
+    assert trained and held_out and not trained & held_out
+    # The annotated crops decide the threshold and are never trained on.
+    assert not any("lymph-centers" in im["source"] for im in card["images"])
+
+
+def test_a_damaged_shipped_model_is_refused(tmp_path, monkeypatch):
+    from wsi_lymph.constants import DEFAULT_MODEL
+    from wsi_lymph.models import registry
+    from wsi_lymph.models.checkpoints import ModelError
+
+    damaged = tmp_path / "student.pt"
+    damaged.write_bytes(registry.SHIPPED_MODELS[DEFAULT_MODEL].read_bytes()[:-10] + b"0123456789")
+    monkeypatch.setitem(registry.SHIPPED_MODELS, DEFAULT_MODEL, damaged)
+    with pytest.raises(ModelError, match="damaged"):
+        registry.resolve_model(DEFAULT_MODEL)
+
+
+def test_detect_with_defaults_works_offline_on_an_empty_cache(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ.copy() | {
+        "WSI_LYMPH_CACHE": str(tmp_path / "empty-cache"),
+        # Nothing can be fetched from here: any download attempt would fail the run.
+        "WSI_LYMPH_MODEL_SOURCE": (tmp_path / "nowhere").as_uri(),
+    }
+    out = tmp_path / "out"
+    run = subprocess.run(
+        [sys.executable, "-m", "wsi_lymph.cli", "detect", str(SLIDES / "cmu-1-small-region.svs"), "--out", str(out),
+         "--region", "700,1000,300,300", "--workers", "1", "--dashboard", ":0"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr
+    summary = json.loads((out / "cmu-1-small-region" / "summary.json").read_text())
+    assert summary["model"]["name"] == "wsi-lymph-student" and summary["count"] > 0
+    assert summary["params"]["stain_norm"] == "auto"
+    assert not (tmp_path / "empty-cache" / "models").exists()
+    attrs = json.loads((out / "cmu-1-small-region" / "prob.zarr" / "zarr.json").read_text())["attributes"]
+    assert attrs["wsi_lymph"]["stain_normalisation"]["method"] == "reinhard"
+
+
+def test_stain_normalised_maps_are_the_same_for_any_block_layout(client, tmp_path):
+    from wsi_lymph.engine.batch import run_probmaps
+    from wsi_lymph.engine.params import ProbmapParams
+    from wsi_lymph.io.probmap_store import open_probmap
+
+    maps = []
+    for block in (512, 1024):
+        # Every block classified: which blocks the hematoxylin skip leaves at 0 depends on the block size.
+        params = ProbmapParams(chunk_px=256, block_px=block, dtype="float32", region_level0=(700, 1000, 300, 260),
+                               skip_hematoxylin=False)
+        [result] = run_probmaps(client, [SLIDES / "cmu-1-small-region.svs"], tmp_path / str(block), params=params,
+                                progress=False, log=lambda _: None)
+        assert result.status == "done", result.reason
+        maps.append(np.asarray(open_probmap(result.output)[0]))
+    assert maps[0].max() > 0.5
+    np.testing.assert_array_equal(maps[0], maps[1])

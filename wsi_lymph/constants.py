@@ -27,3 +27,14 @@ CLEAR_RADIUS_PX = 28
 
 #: Matching tolerance between a detection and an annotated centre (about one lymphocyte radius), in µm.
 DEFAULT_TOLERANCE_UM = 3.0
+
+#: Stain domain of the paper's data set: CIE L*a*b* mean and standard deviation over the tissue of the three
+#: annotated crops (``shared/data/lymph-centers``), the reference of Reinhard normalisation for the paper's models
+#: (measured with :func:`wsi_lymph.training.distill.reference_statistics`; a test recomputes it).
+PAPER_STAIN_REFERENCE = {"mean": [53.0270, 29.0621, -29.1875], "std": [15.8731, 7.2158, 11.6958]}
+
+#: The default model of ``detect``, ``probmap`` and ``demo``: the fast student shipped in the package.
+DEFAULT_MODEL = "wsi-lymph-student"
+#: Default edge of one inference task (model-frame px) for fully convolutional models: large enough that a task's
+#: fixed cost stays a few percent of its work at the student's speed (see BENCHMARKS.md, task granularity).
+FAST_BLOCK_PX = 2048

@@ -10,22 +10,29 @@ from pathlib import Path
 # usage errors answer at once.
 from wsi_lymph.cli.options import add_cluster_options, cluster_kind_of, cluster_kwargs, region_type
 from wsi_lymph.cli.training import add_training_commands
-from wsi_lymph.constants import FRAME_SCALE, PAPER_THRESHOLD, SOURCE_SCAN_MPP
+from wsi_lymph.constants import DEFAULT_MODEL, FAST_BLOCK_PX, FRAME_SCALE, PAPER_THRESHOLD, SOURCE_SCAN_MPP
 
 
 def _add_probmap_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("slides", nargs="+", help="slide files and/or folders of slides")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--model", default="janowczyk2016", help="janowczyk2016, janowczyk2016/foldK or a checkpoint")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"{DEFAULT_MODEL} (default: the fast student, shipped), janowczyk2016 (the paper's "
+                        "5-fold ensemble, exact patches), janowczyk2016/foldK, or a checkpoint file")
     parser.add_argument("--model-source", default=None, help="URL or folder to fetch the paper's models from")
     parser.add_argument("--mpp", type=float, default=None, help="level-0 µm per pixel, overriding the files")
-    parser.add_argument("--stride", type=int, default=2, help="classify every S-th model-frame pixel (1 = exact)")
+    parser.add_argument("--stride", type=int, default=2, help="paper's networks: classify every S-th model-frame "
+                        "pixel, cubic filling between (default 2; 1 = exact); fully convolutional models ignore it")
+    parser.add_argument("--stain-norm", default="auto", choices=["auto", "none", "reinhard"],
+                        help="colour normalisation to the model's training domain (default auto: the model's own, "
+                        "Reinhard for the student, none for the paper's networks)")
     parser.add_argument("--mirror", action="store_true", help="average each patch with its horizontal mirror")
     parser.add_argument("--region", type=region_type, default=None, help="X,Y,WIDTH,HEIGHT level-0 rectangle only")
     parser.add_argument("--no-skip", action="store_true", help="evaluate blocks without hematoxylin too")
     parser.add_argument("--dtype", default="float16", choices=["float16", "float32", "uint8"])
     parser.add_argument("--chunk", type=int, default=512, help="Zarr chunk edge, model-frame px")
-    parser.add_argument("--block", type=int, default=None, help="inference task edge, model-frame px (chunk multiple)")
+    parser.add_argument("--block", type=int, default=None, help="inference task edge, model-frame px, a chunk "
+                        f"multiple (default: the chunk for patch models, {FAST_BLOCK_PX} for fully convolutional ones)")
     parser.add_argument("--batch-size", type=int, default=512, help="patches per forward pass")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--force", action="store_true", help="recompute slides already finished in --out")
@@ -46,12 +53,12 @@ def _run_batch(args: argparse.Namespace, command: str) -> int:
 
     try:
         # Before any cluster starts: a missing or broken model is a one-line error, not a traceback.
-        load_model(args.model, source=args.model_source)
+        loaded = load_model(args.model, source=args.model_source)
     except ModelError as error:
         print(f"wsi-lymph {command}: {error}", file=sys.stderr)
         return 1
     workers = args.workers or default_workers()
-    params = _probmap_params(args, workers)
+    params = _probmap_params(args, workers, fully_convolutional=_fully_convolutional(loaded))
     options = dict(model=args.model, mpp=args.mpp, params=params, model_source=args.model_source, force=args.force)
     with dask_client(**cluster_kwargs(args) | {"workers": workers}) as client:
         if command == "detect":
@@ -77,15 +84,23 @@ def cmd_detect(args: argparse.Namespace) -> int:
     return _run_batch(args, "detect")
 
 
-def _probmap_params(args: argparse.Namespace, workers: int):
+def _fully_convolutional(loaded) -> bool:
+    from wsi_lymph.models.architectures import PATCHES, architecture_of
+
+    return architecture_of(loaded.members[0][0]).evaluation != PATCHES
+
+
+def _probmap_params(args: argparse.Namespace, workers: int, *, fully_convolutional: bool = False):
     from wsi_lymph.engine.cluster import torch_threads_per_worker
     from wsi_lymph.engine.params import ProbmapParams
 
+    default_block = max(args.chunk, FAST_BLOCK_PX // args.chunk * args.chunk) if fully_convolutional else args.chunk
     return ProbmapParams(
         stride_px=args.stride,
         mirror=args.mirror,
         chunk_px=args.chunk,
-        block_px=args.block or args.chunk,
+        block_px=args.block or default_block,
+        stain_norm=args.stain_norm,
         dtype=args.dtype,
         batch_size=args.batch_size,
         skip_hematoxylin=not args.no_skip,
@@ -97,24 +112,26 @@ def _probmap_params(args: argparse.Namespace, workers: int):
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Fetch the public demo slide and the paper's models, then run ``detect`` on a region of it."""
+    """Fetch the public demo slide (and the paper's models if asked for), then run ``detect`` on it."""
     from wsi_lymph.engine.batch import run_detect
     from wsi_lymph.engine.cluster import dask_client, default_workers
     from wsi_lymph.models.checkpoints import ModelError
-    from wsi_lymph.models.registry import resolve_model
+    from wsi_lymph.models.registry import load_model
     from wsi_lymph.slides.sample import DEMO_REGION_LEVEL0, DataError, fetch_demo_slide
 
     try:
         slide = fetch_demo_slide(args.source)
-        resolve_model(args.model, source=args.model_source)
+        fast = _fully_convolutional(load_model(args.model, source=args.model_source))
     except (DataError, ModelError) as error:
         print(f"wsi-lymph demo: {error}", file=sys.stderr)
         return 1
-    args.region = args.region or DEMO_REGION_LEVEL0
+    # The fast model does the whole slide in about a minute; the paper's exact networks a 600-px region.
+    args.region = args.region or (None if fast else DEMO_REGION_LEVEL0)
     workers = args.workers or default_workers()
     with dask_client(**cluster_kwargs(args) | {"workers": workers}) as client:
         [result] = run_detect(
-            client, [slide], args.out, model=args.model, params=_probmap_params(args, workers),
+            client, [slide], args.out, model=args.model,
+            params=_probmap_params(args, workers, fully_convolutional=fast),
             model_source=args.model_source, force=args.force,
         )
     if result.status != "done":
@@ -271,17 +288,20 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--threshold", type=float, default=None, help="peak threshold (default: the model's)")
     detect.set_defaults(func=cmd_detect)
 
-    demo = commands.add_parser("demo", help="fetch a public sample slide and the models, run detect on it")
+    demo = commands.add_parser("demo", help="fetch a public sample slide, run detect on it (the whole slide with "
+                               "the default model)")
     demo.add_argument("--out", required=True, type=Path)
     demo.add_argument("--source", default=None, help="URL or folder holding CMU-1-Small-Region.svs "
                       "(default: OpenSlide's test data; env WSI_LYMPH_DATA_SOURCE)")
-    demo.add_argument("--model", default="janowczyk2016/fold1")
-    demo.add_argument("--model-source", default=None)
-    demo.add_argument("--stride", type=int, default=4)
-    demo.add_argument("--region", type=region_type, default=None, help="level-0 X,Y,W,H (default: a 600 px region)")
+    demo.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL}, shipped)")
+    demo.add_argument("--model-source", default=None, help="URL or folder to fetch the paper's models from")
+    demo.add_argument("--stride", type=int, default=4, help="paper's networks: stride (default 4)")
+    demo.add_argument("--region", type=region_type, default=None, help="level-0 X,Y,W,H (default: the whole slide "
+                      "with a fully convolutional model, a 600-px region with the paper's networks)")
     for name, default in (("--mirror", False), ("--no-skip", False), ("--force", False)):
         demo.add_argument(name, action="store_true", default=default)
-    demo.set_defaults(func=cmd_demo, dtype="float16", chunk=512, block=None, batch_size=512, device=None, mpp=None)
+    demo.set_defaults(func=cmd_demo, dtype="float16", chunk=512, block=None, batch_size=512, device=None, mpp=None,
+                      stain_norm="auto")
     add_cluster_options(demo)
 
     evaluate = commands.add_parser("evaluate", help="precision, recall and F of detections against annotations")

@@ -38,9 +38,11 @@ from distributed import Client, Future, as_completed
 from tqdm import tqdm
 
 from wsi_lymph import __version__
+from wsi_lymph.constants import DEFAULT_MODEL, PAPER_STAIN_REFERENCE
 from wsi_lymph.detection.hematoxylin import StainSummary, blocks_with_hematoxylin, stain_summary
 from wsi_lymph.detection.inference import block_probabilities
 from wsi_lymph.detection.peaks import PEAK_BLOCK_PX
+from wsi_lymph.detection.stain import LabStatistics, ReinhardTransform, slide_lab_statistics
 from wsi_lymph.engine.centres import PeakStage, centres_of_stage, new_task_token, plan_peaks, submit_peak_blocks
 from wsi_lymph.engine.cluster import has_gpu_workers, worker_threads
 from wsi_lymph.engine.params import PeakOptions, ProbmapParams, SlideResult
@@ -53,6 +55,7 @@ from wsi_lymph.io.probmap_store import (
     write_block,
 )
 from wsi_lymph.io.slide_outputs import write_slide_outputs
+from wsi_lymph.models.architectures import architecture_of
 from wsi_lymph.models.registry import load_model, resolve_model
 from wsi_lymph.slides.frame import ModelFrame, block_boxes, choose_frame, frame_region
 from wsi_lymph.slides.reader import SlideError, SlideInfo, open_slide
@@ -83,6 +86,10 @@ class _Slide:
     peaks: PeakStage | None = None  # the peak stage, once planned
     peaks_started: float = 0.0
     write_started: float = 0.0
+    # Stain normalisation of this slide's pixels, once its colour statistics are measured (None: none).
+    pixel_transform: ReinhardTransform | None = None
+    needs_statistics: bool = False  # blocks wait for the slide's colour statistics
+    todo: list[Box] | None = None  # blocks to infer, once the stain map has chosen them
     # Task keys: unique per slide in flight.
     token: str = field(default_factory=new_task_token)
 
@@ -182,7 +189,8 @@ def _publish_map(slide: _Slide, params: ProbmapParams) -> None:
     slide.manifest.close()
     array = zarr.open_array(str(slide.tmp_store), mode="r+")
     array.attrs["wsi_lymph"] = dict(array.attrs["wsi_lymph"]) | {
-        "computed_blocks": computed_blocks_attr(slide.boxes, slide.keep, slide.origin_rc, params.block_px)
+        "computed_blocks": computed_blocks_attr(slide.boxes, slide.keep, slide.origin_rc, params.block_px),
+        "stain_normalisation": slide.pixel_transform.as_dict() if slide.pixel_transform else {"method": "none"},
     }
     replace_dir(slide.tmp_store, slide.final_store)
     slide.manifest_path.unlink(missing_ok=True)
@@ -300,8 +308,8 @@ class _Batch:
                 box = slide.queue.popleft()
                 future = self.client.submit(
                     infer_block, slide.info, slide.frame, box, slide.origin_rc, self.checkpoints, self.params,
-                    str(slide.tmp_store), key=(f"infer-{slide.token}", box[0], box[2]), resources=self.resources,
-                    pure=False,
+                    str(slide.tmp_store), slide.pixel_transform, key=(f"infer-{slide.token}", box[0], box[2]),
+                    resources=self.resources, pure=False,
                 )
                 self.in_flight_blocks += 1
                 self.tasks.watch(future, lambda f, s=slide, b=box: self._on_block(s, b, f))
@@ -322,6 +330,11 @@ class _Batch:
         futures = self.client.compute(parts, optimize_graph=False)
         future = self.client.submit(assemble, *futures, key=f"hematoxylin-summary-{slide.token}", pure=False)
         self.tasks.watch(future, lambda f: self._on_stain_map(slide, f))
+        if params.stain_norm_for(self.model_info) == "reinhard":
+            slide.needs_statistics = True
+            future = self.client.submit(slide_lab_statistics, slide.info, key=f"stain-statistics-{slide.token}",
+                                        pure=False)
+            self.tasks.watch(future, lambda f: self._on_stain_statistics(slide, f))
 
     def _reuse(self, slide: _Slide) -> None:
         """Skip a slide finished by an earlier run, or go on to the centres of its complete map."""
@@ -343,11 +356,30 @@ class _Batch:
             return self._fail(slide, f"{slide.info.path}: reading for the hematoxylin mask failed: {error}")
         _choose_blocks(slide, summary, self.params)
         slide.result.seconds["hematoxylin"] = round(time.perf_counter() - slide.started, 3)
-        todo = _open_partial_map(slide, self.model_info, self.params, self.force)
-        slide.queue.extend(todo)
-        slide.pending = len(todo)
-        self.bars.stage(slide, "infer", blocks=len(todo))
-        if not todo:
+        slide.todo = _open_partial_map(slide, self.model_info, self.params, self.force)
+        self._queue_blocks(slide)
+
+    def _on_stain_statistics(self, slide: _Slide, future: Future) -> None:
+        if slide.failed:
+            return
+        try:
+            statistics = future.result()
+        except Exception as error:
+            return self._fail(slide, f"{slide.info.path}: measuring its colours for stain normalisation failed: "
+                                     f"{_describe(error)}")
+        reference = LabStatistics.from_dict(self.model_info["stain_reference"])
+        slide.pixel_transform = ReinhardTransform(statistics, reference)
+        slide.needs_statistics = False
+        self._queue_blocks(slide)
+
+    def _queue_blocks(self, slide: _Slide) -> None:
+        """Queue the chosen blocks once both the stain map and (if needed) the colour statistics are in."""
+        if slide.todo is None or slide.needs_statistics:
+            return
+        slide.queue.extend(slide.todo)
+        slide.pending = len(slide.todo)
+        self.bars.stage(slide, "infer", blocks=len(slide.todo))
+        if not slide.todo:
             self._finish_map(slide)
 
     # -------------------------------------------------------------- stage 2: infer
@@ -466,7 +498,7 @@ def run_batch(
     slide_paths: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
     *,
-    model: str = "janowczyk2016",
+    model: str = DEFAULT_MODEL,
     mpp: float | None = None,
     params: ProbmapParams | None = None,
     peaks: PeakOptions | None = None,
@@ -488,7 +520,7 @@ def run_batch(
     out_dir : path-like
         Output folder; one sub-folder per slide (``OUT/<slide-name>/``).
     model : str
-        Model name (``janowczyk2016``, ``janowczyk2016/fold3``) or checkpoint path.
+        Model name (the default student, ``janowczyk2016``, ``janowczyk2016/fold3``) or checkpoint path.
     mpp : float, optional
         Level-0 µm/px for every slide, overriding the files.
     params : ProbmapParams
@@ -562,6 +594,9 @@ def model_description(model: str, source: str | None = None) -> dict:
         "model_mpp": loaded.model_mpp,
         "source_scan_mpp": loaded.meta["source_scan_mpp"],
         "threshold": loaded.threshold,
+        "evaluation": architecture_of(loaded.members[0][0]).evaluation,
+        "stain_norm": loaded.meta.get("stain_norm", "none"),
+        "stain_reference": loaded.meta.get("stain_reference", PAPER_STAIN_REFERENCE),
     }
 
 
@@ -602,12 +637,14 @@ def infer_block(
     checkpoints: Sequence[str],
     params: ProbmapParams,
     store_path: str,
+    pixel_transform: ReinhardTransform | None = None,
 ) -> dict:
     """One ``infer`` task: compute a block and write it into its (whole) chunks of the Zarr map; return stats."""
     start = time.perf_counter()
     prob, patches = block_probabilities(
         info, frame, box, checkpoints, stride_px=params.stride_px, mirror=params.mirror,
         batch_size=params.batch_size, device=params.device, torch_threads=params.torch_threads,
+        pixel_transform=pixel_transform,
     )
     write_block(store_path, box, origin_rc, prob, params.dtype)
     return {"patches": patches, "seconds": time.perf_counter() - start}

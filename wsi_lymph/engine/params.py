@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from wsi_lymph.detection.hematoxylin import DEFAULT_MARGIN_UM, DEFAULT_MASK_MPP, DEFAULT_THRESHOLD_OD
 from wsi_lymph.detection.peaks import PEAK_BLOCK_PX
+from wsi_lymph.detection.stain import STAIN_NORMS
 from wsi_lymph.io.probmap_store import STORE_DTYPES
 
 
@@ -40,6 +41,9 @@ class ProbmapParams:
         Torch device for inference; None = CUDA when the worker has it, else CPU.
     torch_threads : int or None
         Intra-op threads per inference task (None = torch default).
+    stain_norm : str
+        ``"auto"`` (the model's own: Reinhard for the student, none for the paper's
+        networks), ``"none"`` or ``"reinhard"`` (to the model's reference domain).
     """
 
     stride_px: int = 1
@@ -55,6 +59,7 @@ class ProbmapParams:
     region_level0: tuple[int, int, int, int] | None = None
     device: str | None = None
     torch_threads: int | None = None
+    stain_norm: str = "auto"
 
     def __post_init__(self) -> None:
         if self.stride_px < 1:
@@ -63,6 +68,12 @@ class ProbmapParams:
             raise ValueError(f"block_px ({self.block_px}) must be a positive multiple of chunk_px ({self.chunk_px})")
         if self.dtype not in STORE_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(STORE_DTYPES)}, got {self.dtype!r}")
+        if self.stain_norm not in ("auto", *STAIN_NORMS):
+            raise ValueError(f"stain_norm must be one of {('auto', *STAIN_NORMS)}, got {self.stain_norm!r}")
+
+    def stain_norm_for(self, model: dict) -> str:
+        """The normalisation actually applied with ``model`` (:func:`~wsi_lymph.engine.batch.model_description`)."""
+        return model["stain_norm"] if self.stain_norm == "auto" else self.stain_norm
 
 
 @dataclass

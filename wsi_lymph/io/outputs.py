@@ -16,7 +16,15 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import matplotlib
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+from skimage.draw import circle_perimeter
+
+matplotlib.use("Agg")  # files only, never a window: no display on cluster nodes
+from matplotlib import pyplot as plt  # noqa: E402
 
 from wsi_lymph.slides.frame import ModelFrame, frame_to_level0
 
@@ -79,17 +87,11 @@ def write_centres_csv(path: Path, table: dict) -> None:
     write_atomic(path, buffer.getvalue().encode())
 
 
-def write_centres_parquet(path: Path, table: dict) -> bool:
-    """Parquet copy of the table; returns False (and writes nothing) when pyarrow is missing."""
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        return False
+def write_centres_parquet(path: Path, table: dict) -> None:
+    """Parquet copy of the table (same columns as the CSV)."""
     sink = pa.BufferOutputStream()
     pq.write_table(pa.table({name: table[name] for name in CENTRE_COLUMNS}), sink)
     write_atomic(path, sink.getvalue().to_pybytes())
-    return True
 
 
 def write_centres_geojson(path: Path, table: dict) -> None:
@@ -115,7 +117,6 @@ def write_json(path: Path, payload: dict) -> None:
 
 
 def _png_bytes(rgb: np.ndarray) -> bytes:
-    from PIL import Image
 
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="PNG")
@@ -134,8 +135,6 @@ def write_overlay_png(path: Path, thumbnail_rgb: np.ndarray, centres_xy: np.ndar
     scale : float
         Thumbnail pixels per level-0 pixel (sets the circle radius to ~a lymphocyte, 3.5 µm at 0.5 µm/px).
     """
-    from skimage.draw import circle_perimeter
-
     image = thumbnail_rgb.copy()
     radius = max(2, round(7 * scale))
     for x, y in np.round(centres_xy).astype(int):
@@ -152,11 +151,6 @@ def write_density_png(path: Path, centres_um: np.ndarray, extent_um: tuple[float
     ``extent_um`` is (x0, x1, y0, y1) of the analysed area in µm; the bin edge
     defaults to 1/40 of the longer side, at least 25 µm.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
     x0, x1, y0, y1 = extent_um
     bin_um = bin_um or max(25.0, max(x1 - x0, y1 - y0) / 40)
     x_edges = np.arange(x0, x1 + bin_um, bin_um)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
+import dask
+import distributed
 import numpy as np
+import torch
 import zarr
 from PIL import Image
 
@@ -41,7 +44,7 @@ def write_slide_outputs(slide_dir: Path, name: str, slide_path: str, attrs: dict
         Number of centres and the analysed tissue area in mm².
     """
     write_centres_csv(slide_dir / "centers.csv", table)
-    parquet = write_centres_parquet(slide_dir / "centers.parquet", table)
+    write_centres_parquet(slide_dir / "centers.parquet", table)
     write_centres_geojson(slide_dir / "centers.geojson", table)
     shape = tuple(zarr.open_array(str(slide_dir / "prob.zarr"), mode="r").shape)
     area = analysed_area_mm2(attrs, shape)
@@ -72,8 +75,7 @@ def write_slide_outputs(slide_dir: Path, name: str, slide_path: str, attrs: dict
         "blocks_skipped": result["blocks_skipped"],
         "blocks_resumed": result["blocks_resumed"],
         "timings_s": result["seconds"],
-        "outputs": ["prob.zarr", "centers.csv", "centers.geojson", "summary.json"]
-        + (["centers.parquet"] if parquet else []) + pictures,
+        "outputs": ["prob.zarr", "centers.csv", "centers.geojson", "summary.json", "centers.parquet", *pictures],
         "versions": _versions(),
     })
     return count, tissue
@@ -87,7 +89,6 @@ TUTORIAL_PNG_MAX_PX = 4096
 
 def write_pictures(folder: Path, name: str, slide_path: Path, attrs: dict, shape: tuple, table: dict) -> list[str]:
     """``overlay.png``, ``density.png`` and, for dataset-sized maps, the tutorial's ``_prob``/``_class`` PNGs."""
-
     per = attrs["frame"]["level0_per_frame_px"]
     x0, y0 = attrs["origin_rc"][1] * per, attrs["origin_rc"][0] * per
     width, height = shape[1] * per, shape[0] * per
@@ -119,9 +120,6 @@ def write_pictures(folder: Path, name: str, slide_path: Path, attrs: dict, shape
 
 
 def _versions() -> dict:
-    import dask
-    import distributed
-    import torch
 
     return {
         "wsi_lymph": __version__, "python": platform.python_version(), "dask": dask.__version__,

@@ -2,6 +2,8 @@
 
 Names understood by :func:`resolve_model` / :func:`load_model`:
 
+- ``wsi-lymph-student`` (the default): the fast sub-pixel student distilled from the
+  paper's ensemble (``wsi-lymph distill``), shipped inside the package: no fetch;
 - ``janowczyk2016``: the paper's five cross-validation models, used as an
   ensemble (probabilities averaged over the folds);
 - ``janowczyk2016/fold1`` ... ``janowczyk2016/fold5``: one fold's model;
@@ -31,13 +33,17 @@ import torch
 from torch import nn
 
 from wsi_lymph.cache import cache_dir, fetch_verified, source_url
+from wsi_lymph.constants import DEFAULT_MODEL
 from wsi_lymph.models.caffe import import_caffe
 from wsi_lymph.models.checkpoints import ModelError, load_checkpoint
 
 JANOWCZYK2016 = "janowczyk2016"
 FOLDS = (1, 2, 3, 4, 5)
 #: Every name resolve_model knows besides checkpoint paths.
-MODEL_NAMES = (JANOWCZYK2016, *(f"{JANOWCZYK2016}/fold{k}" for k in FOLDS))
+MODEL_NAMES = (DEFAULT_MODEL, JANOWCZYK2016, *(f"{JANOWCZYK2016}/fold{k}" for k in FOLDS))
+#: The shipped student's weights and their sha256 (checked at every load: a damaged install is refused).
+SHIPPED_MODELS = {DEFAULT_MODEL: Path(__file__).parent / "weights" / f"{DEFAULT_MODEL}.pt"}
+SHIPPED_SHA256 = {DEFAULT_MODEL: "c3410973a4b4800ca6c358b3fb7bff0d967466c911dca8a9d1120650f94128ba"}
 
 DEFAULT_SOURCE = (
     "https://raw.githubusercontent.com/choosehappy/public/master/DL%20tutorial%20Code/4-lymphocyte/models"
@@ -195,6 +201,8 @@ def resolve_model(name: str, *, fetch_missing: bool = True, source: str | None =
         Unknown name that is not an existing file, or a missing model when
         ``fetch_missing`` is false (or fetching failed).
     """
+    if name in SHIPPED_MODELS:
+        return [_shipped(name)]
     folds = _folds_of(name)
     if folds is None:
         path = Path(name).expanduser()
@@ -213,6 +221,18 @@ def resolve_model(name: str, *, fetch_missing: bool = True, source: str | None =
             )
         fetch_janowczyk2016(source, folds=missing)
     return paths
+
+
+def _shipped(name: str) -> Path:
+    """The file of a model shipped in the package, after checking its sha256."""
+    path = SHIPPED_MODELS[name]
+    if not path.is_file():
+        raise ModelError(f"model {name!r}: {path} is missing from this installation; reinstall wsi-lymph")
+    digest = pooch.file_hash(str(path))
+    if digest != SHIPPED_SHA256[name]:
+        raise ModelError(f"model {name!r}: {path} has sha256 {digest}, expected {SHIPPED_SHA256[name]}; "
+                         "the installation is damaged, reinstall wsi-lymph")
+    return path
 
 
 @dataclass(frozen=True, eq=False)  # eq on tensors is meaningless; keep identity hashing

@@ -18,12 +18,18 @@ from __future__ import annotations
 import functools
 import math
 import os
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import dask.array as da
 import numpy as np
+import openslide
+import tifffile
+import zarr
 from dask.array.core import normalize_chunks
+from dask.base import tokenize
+from PIL import Image
 
 #: Microscopy resolutions outside this range (µm/px) are screen/print defaults
 #: (72 dpi = 352.8 µm/px) written by image libraries, not scanner metadata.
@@ -55,7 +61,6 @@ class SlideInfo:
     vendor : str
         Format as reported by the reader.
     """
-
     path: str
     reader: str
     level_sizes_xy: tuple[tuple[int, int], ...]
@@ -93,7 +98,6 @@ def _plausible(mpp: float | None) -> float | None:
 
 
 def _openslide_info(path: str) -> SlideInfo:
-    import openslide
 
     with openslide.OpenSlide(path) as slide:
         props = slide.properties
@@ -117,7 +121,6 @@ def _openslide_info(path: str) -> SlideInfo:
 
 
 def _tiff_mpp(page) -> tuple[float | None, str]:
-    import tifffile
 
     tags = page.tags
     unit = tags.get("ResolutionUnit")
@@ -140,7 +143,6 @@ def _tiff_mpp(page) -> tuple[float | None, str]:
 
 
 def _tifffile_info(path: str) -> SlideInfo:
-    import tifffile
 
     with tifffile.TiffFile(path) as tif:
         series = tif.series[0]
@@ -166,7 +168,6 @@ def _tifffile_info(path: str) -> SlideInfo:
 
 
 def _ome_mpp(ome_xml: str) -> tuple[float | None, str]:
-    import xml.etree.ElementTree as ET
 
     root = ET.fromstring(ome_xml)
     for element in root.iter():
@@ -181,7 +182,6 @@ def _ome_mpp(ome_xml: str) -> tuple[float | None, str]:
 
 
 def _pillow_info(path: str) -> SlideInfo:
-    from PIL import Image
 
     with Image.open(path) as image:
         width, height = image.size
@@ -264,19 +264,13 @@ def find_slides(paths: list[str | os.PathLike]) -> list[Path]:
 def _handle(path: str, reader: str):
     """One open handle per process and file (workers open slides themselves)."""
     if reader == "openslide":
-        import openslide
-
         return openslide.OpenSlide(path)
     if reader == "tifffile":
-        import tifffile
-        import zarr
-
         store = tifffile.imread(path, aszarr=True, series=0)
         group = zarr.open(store, mode="r")
         if isinstance(group, zarr.Array):
             return [group]
         return [group[str(i)] for i in range(len(list(group.array_keys())))]
-    from PIL import Image
 
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB"))
@@ -360,6 +354,5 @@ def slide_to_dask(info: SlideInfo, level: int = 0, tile_px: int = 1024, name: st
 
 
 def _token(info: SlideInfo, level: int) -> str:
-    from dask.base import tokenize
 
     return tokenize(info, level)

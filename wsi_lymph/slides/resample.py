@@ -41,7 +41,7 @@ def resized_length(length: int, scale: float) -> int:
 
 
 def cubic_taps(out_index: np.ndarray, scale: float, in_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Input indices and weights of the 4 taps of each output sample.
+    """Input indices and weights of the taps of each output sample.
 
     Parameters
     ----------
@@ -55,16 +55,25 @@ def cubic_taps(out_index: np.ndarray, scale: float, in_length: int) -> tuple[np.
     Returns
     -------
     index : np.ndarray
-        (n, 4) int64 input indices, already reflected into ``[0, in_length)``.
+        (n, k) int64 input indices, already reflected into ``[0, in_length)`` (k = 4 when upsampling).
     weight : np.ndarray
-        (n, 4) float64 weights summing to 1.
+        (n, k) float64 weights summing to 1.
+
+    Downsampling (``scale < 1``) antialiases as MATLAB ``imresize`` does by default: the
+    kernel is stretched to ``scale * keys(scale * t)``, ``4 / scale`` input pixels wide, so
+    each output averages every input pixel it covers (``ceil(4 / scale) + 2`` taps, the
+    outer ones weighted 0 where the kernel ends).
     """
-    if scale < 1:
-        raise ValueError("cubic_taps implements upsampling only (scale >= 1); downsampling needs antialiasing")
     u = (np.asarray(out_index, dtype=np.float64) + 0.5) / scale - 0.5
-    first = np.floor(u).astype(np.int64) - 1
-    taps = first[:, None] + np.arange(4)
-    weight = keys_cubic(u[:, None] - taps)
+    if scale >= 1:
+        first = np.floor(u).astype(np.int64) - 1
+        taps = first[:, None] + np.arange(4)
+        weight = keys_cubic(u[:, None] - taps)
+    else:
+        width = 4.0 / scale
+        first = np.floor(u - width / 2).astype(np.int64)
+        taps = first[:, None] + np.arange(int(np.ceil(width)) + 2)
+        weight = scale * keys_cubic(scale * (u[:, None] - taps))
     weight /= weight.sum(axis=1, keepdims=True)
     return symmetric_index(taps, in_length), weight
 

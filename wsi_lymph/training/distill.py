@@ -205,7 +205,8 @@ def load_pair(name: str, image_path: str | os.PathLike, teacher_map: str | os.Pa
     up = STUDENT_UPSCALE
     rows = min(inputs.shape[0], prob.shape[0] // up)
     cols = min(inputs.shape[1], prob.shape[1] // up)
-    target = np.asarray(prob[: rows * up, : cols * up], dtype=np.float32)
+    # Synchronous: this runs inside a cluster task, which must not wait on the cluster itself.
+    target = prob[: rows * up, : cols * up].compute(scheduler="synchronous").astype(np.float32)
     return DistillPair(name, np.ascontiguousarray(inputs[:rows, :cols]), target)
 
 
@@ -282,13 +283,14 @@ def train_student(
     *,
     device: str | None = None,
     log=print,
-) -> tuple[SubpixelStudentNet, torch.Tensor]:
+) -> tuple[SubpixelStudentNet, torch.Tensor, int]:
     """Train the student on teacher maps; resumes from the newest ``student-state-*.pt`` in ``out_dir``.
 
     Returns
     -------
-    (SubpixelStudentNet, torch.Tensor)
-        The trained network (eval mode, CPU) and its (3, 32, 32) mean image (constant per channel).
+    (SubpixelStudentNet, torch.Tensor, int)
+        The trained network (eval mode, CPU), its (3, 32, 32) mean image (constant per channel), and
+        the step this call started from (0, or where an earlier, interrupted call stopped).
     """
     recipe = recipe or StudentRecipe()
     out_dir = Path(out_dir)
@@ -326,7 +328,7 @@ def train_student(
             _save_state(out_dir, net, optimiser, done, recipe)
     net.eval().cpu()
     mean_image = torch.as_tensor(mean, dtype=torch.float32).view(3, 1, 1).expand(MEAN_SHAPE).contiguous()
-    return net, mean_image
+    return net, mean_image, start
 
 
 def _save_state(out_dir: Path, net: nn.Module, optimiser, iteration: int, recipe: StudentRecipe) -> None:
@@ -420,11 +422,11 @@ def concordance(student_map: np.ndarray, teacher_map: np.ndarray, mpp: float, st
 
 
 def _train_task(pairs_spec: list[tuple[str, str, str]], out_dir: str, recipe: StudentRecipe, device: str | None
-                ) -> tuple[dict, torch.Tensor]:
-    """One ``distill-train`` task: load the pairs on the worker, train (resuming), return weights and mean image."""
+                ) -> tuple[dict, torch.Tensor, int]:
+    """One ``distill-train`` task: load the pairs on the worker, train (resuming); weights, mean image, start step."""
     pairs = [load_pair(*spec) for spec in pairs_spec]
-    net, mean_image = train_student(pairs, out_dir, recipe, device=device)
-    return {k: v.detach().cpu() for k, v in net.state_dict().items()}, mean_image
+    net, mean_image, start = train_student(pairs, out_dir, recipe, device=device)
+    return {k: v.detach().cpu() for k, v in net.state_dict().items()}, mean_image, start
 
 
 def run_distill(
@@ -476,19 +478,21 @@ def run_distill(
     log(f"teacher maps ({teacher}, stride {teacher_stride_px}) of {len(train)} training images")
     _teacher_maps(client, [prepared[im.name] for im in train], out / "teacher", teacher, teacher_stride_px,
                   model_source)
-    log(f"teacher maps (stride {heldout_stride_px}) of {len(heldout)} held-out images")
-    _teacher_maps(client, [prepared[im.name] for im in heldout], out / f"teacher-stride{heldout_stride_px}", teacher,
-                  heldout_stride_px, model_source)
     specs = [(im.name, str(prepared[im.name]), str(out / "teacher" / im.name / "prob.zarr")) for im in train]
     log(f"training the student ({recipe.iterations} steps) as one task")
     future = client.submit(_train_task, specs, str(out / "training"), recipe, device, key="distill-train-" +
                            _token(specs, recipe), resources=resources, retries=2, pure=False)
-    state_dict, mean_image = future.result()
+    # The held-out images' teacher maps are only needed to evaluate: they run beside the training task.
+    log(f"teacher maps (stride {heldout_stride_px}) of {len(heldout)} held-out images")
+    _teacher_maps(client, [prepared[im.name] for im in heldout], out / f"teacher-stride{heldout_stride_px}", teacher,
+                  heldout_stride_px, model_source)
+    state_dict, mean_image, started_at = future.result()
     net = SubpixelStudentNet()
     net.load_state_dict(state_dict)
     members = [(net.eval(), mean_image)]
     evaluation = _evaluate(members, crops, reference, heldout, prepared, out / f"teacher-stride{heldout_stride_px}",
                            teacher_model.threshold, log)
+    evaluation["training_resumed_from_step"] = started_at
     return _write_model(out, net, mean_image, reference, evaluation, recipe, plan, prepared, teacher_model.meta,
                         teacher_stride_px, heldout_stride_px)
 
@@ -527,7 +531,7 @@ def _evaluate(members: list, crops: list[AnnotatedImage], reference: LabStatisti
     log(f"crops, leave one crop out: pooled F {loco['pooled']['f_score']:.3f}; threshold on all three {threshold}")
     concordances = {}
     for im in heldout:
-        teacher_map = np.asarray(open_probmap(teacher_dir / im.name / "prob.zarr")[0])
+        teacher_map = open_probmap(teacher_dir / im.name / "prob.zarr")[0].compute(scheduler="synchronous")
         frame = choose_frame(open_slide(prepared[im.name]))
         concordances[im.name] = concordance(image_map(members, prepared[im.name]), teacher_map, frame.mpp,
                                             threshold, teacher_threshold)

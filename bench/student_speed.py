@@ -1,0 +1,180 @@
+"""Whole-slide speed of the default student against the paper's default (5-fold ensemble, stride 2), in one run.
+
+Four measurements, all on ``shared/data/slides/cmu-1-small-region.svs`` (2220 x 2967 px at 0.499 µm/px):
+
+1. **Throughput ratio** (one LocalCluster, warm against warm: a warm-up run of each model comes first and
+   is not counted, every run writes a fresh output folder): the teacher's ``detect`` on a region, the
+   student's ``detect`` on the whole slide; 20x pixels of the analysed area per second, each repeated.
+2. **End to end**: ``wsi-lymph detect SLIDE --out FRESH`` with every default, in a new process (cluster
+   start included), with the peak resident memory of the whole process tree (CLI, scheduler, nannies,
+   workers) sampled every 0.2 s.
+3. **Task granularity**: the student's map stage at several block sizes (tasks per slide, map time).
+4. **Engine against the bare network**: the student's map stage in 20x px/s against its bare forward pass
+   over the same input pixels in this process (same thread count as the cluster's workers together).
+
+Usage::
+
+    .venv/bin/python bench/student_speed.py [--repeats 2] [--teacher-region 800,1100,64,64] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+from wsi_lymph.constants import DEFAULT_MODEL
+from wsi_lymph.engine.batch import run_detect, run_probmaps
+from wsi_lymph.engine.cluster import dask_client, torch_threads_per_worker
+from wsi_lymph.engine.params import ProbmapParams
+from wsi_lymph.models.networks import subpixel_probabilities
+from wsi_lymph.models.registry import load_model
+from wsi_lymph.slides.frame import choose_frame, coarser_frame, read_frame_window
+from wsi_lymph.slides.reader import open_slide
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+SLIDE = SHARED / "slides" / "cmu-1-small-region.svs"
+
+
+def _px_per_s(result, region_px: int, wall_s: float) -> float:
+    assert result.status == "done", result.reason
+    return region_px / wall_s
+
+
+def throughput(client, workers: int, repeats: int, teacher_region: tuple[int, int, int, int], tmp: Path) -> dict:
+    threads = torch_threads_per_worker(workers)
+    student_params = ProbmapParams(chunk_px=512, block_px=2048, torch_threads=threads)
+    teacher_params = ProbmapParams(stride_px=2, region_level0=teacher_region, torch_threads=threads)
+    info = open_slide(SLIDE)
+    slide_px = info.level_sizes_xy[0][0] * info.level_sizes_xy[0][1]
+    region_px = teacher_region[2] * teacher_region[3]
+    quiet = {"progress": False, "log": lambda _: None}
+    # Warm-up (not counted): model loading, worker imports, allocator growth.
+    warm = ProbmapParams(region_level0=(800, 1100, 32, 32), torch_threads=threads)
+    run_detect(client, [SLIDE], tmp / "warm-student", params=ProbmapParams(
+        region_level0=(800, 1100, 256, 256), block_px=2048, torch_threads=threads), **quiet)
+    run_detect(client, [SLIDE], tmp / "warm-teacher", model="janowczyk2016", params=warm, **quiet)
+    teacher, student = [], []
+    for k in range(repeats):  # interleaved, each on a fresh output
+        start = time.perf_counter()
+        [result] = run_detect(client, [SLIDE], tmp / f"teacher-{k}", model="janowczyk2016", params=teacher_params,
+                              **quiet)
+        teacher.append(_px_per_s(result, region_px, time.perf_counter() - start))
+        start = time.perf_counter()
+        [result] = run_detect(client, [SLIDE], tmp / f"student-{k}", params=student_params, **quiet)
+        student.append(_px_per_s(result, slide_px, time.perf_counter() - start))
+        print(f"run {k + 1}: teacher {teacher[-1]:,.0f} 20x px/s on {region_px:,} px; student {student[-1]:,.0f} "
+              f"20x px/s on the whole slide ({slide_px:,} px, {result.seconds})")
+    return {"teacher_px_per_s": teacher, "student_px_per_s": student,
+            "ratio_of_medians": statistics.median(student) / statistics.median(teacher),
+            "ratio_range": [min(student) / max(teacher), max(student) / min(teacher)]}
+
+
+def end_to_end(repeats: int, tmp: Path) -> list[dict]:
+    runs = []
+    for k in range(repeats):
+        out = tmp / f"cli-{k}"
+        command = [sys.executable, "-m", "wsi_lymph.cli", "detect", str(SLIDE), "--out", str(out), "--dashboard", ":0"]
+        start = time.perf_counter()
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        root, peak = psutil.Process(proc.pid), 0
+        while proc.poll() is None:
+            try:
+                tree = [root, *root.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+        wall = time.perf_counter() - start
+        if proc.returncode:
+            raise SystemExit(f"detect failed: {proc.stderr.read()}")
+        summary = json.loads((out / SLIDE.stem / "summary.json").read_text())
+        runs.append({"wall_s": round(wall, 1), "peak_rss_gb": round(peak / 1e9, 2), "count": summary["count"],
+                     "timings_s": summary["timings_s"], "blocks": summary["blocks_total"],
+                     "skipped": summary["blocks_skipped"]})
+        print(f"end to end {k + 1}: {wall:.1f} s, peak RSS {peak / 1e9:.2f} GB, {summary['count']} lymphocytes")
+    return runs
+
+
+def granularity(client, workers: int, tmp: Path, blocks=(512, 1024, 2048, 4096)) -> list[dict]:
+    rows = []
+    for block in blocks:
+        params = ProbmapParams(chunk_px=512, block_px=block, torch_threads=torch_threads_per_worker(workers))
+        start = time.perf_counter()
+        [result] = run_probmaps(client, [SLIDE], tmp / f"grain-{block}", params=params, progress=False,
+                                log=lambda _: None)
+        wall = time.perf_counter() - start
+        kept = result.blocks_total - result.blocks_skipped
+        rows.append({"block_px": block, "tasks": kept, "blocks_total": result.blocks_total,
+                     "map_wall_s": round(wall, 2),
+                     "task_s_sum": result.seconds.get("infer_task_sum")})
+        print(f"block {block}: {kept} infer tasks of {result.blocks_total}, map {wall:.1f} s")
+    return rows
+
+
+def bare_forward(threads: int) -> dict:
+    """The student's forward pass over every input pixel of the slide, in-process, input already in memory."""
+    model = load_model(DEFAULT_MODEL)
+    members = [(net.to(memory_format=torch.channels_last), mean) for net, mean in model.members]
+    info = open_slide(SLIDE)
+    frame = coarser_frame(choose_frame(info), 4)
+    halo = members[0][0].halo_px
+    window = read_frame_window(info, frame, np.arange(-halo, frame.shape_rc[0] + halo),
+                               np.arange(-halo, frame.shape_rc[1] + halo))
+    torch.set_num_threads(threads)
+    subpixel_probabilities(members, window[:600, :600])  # warm-up
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        subpixel_probabilities(members, window)
+        times.append(time.perf_counter() - start)
+    px = frame.shape_rc[0] * frame.shape_rc[1]
+    return {"px": px, "seconds": times, "px_per_s": px / min(times)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--teacher-region", default="800,1100,64,64")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["throughput", "end-to-end", "granularity", "bare"])
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    region = tuple(int(v) for v in args.teacher_region.split(","))
+    report = {"machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
+              "date": time.strftime("%Y-%m-%d")}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        if "end-to-end" not in args.skip:
+            report["end_to_end"] = end_to_end(args.repeats, tmp)
+        if "bare" not in args.skip:
+            report["bare_forward"] = bare_forward(args.workers)
+        with dask_client(args.workers, dashboard_address=":0", quiet=True) as client:
+            client.wait_for_workers(args.workers)
+            if "throughput" not in args.skip:
+                report["throughput"] = throughput(client, args.workers, args.repeats, region, tmp)
+            if "granularity" not in args.skip:
+                report["granularity"] = granularity(client, args.workers, tmp)
+    if "bare_forward" in report and "granularity" in report:
+        best = min(report["granularity"], key=lambda row: row["map_wall_s"])
+        classified_px = report["bare_forward"]["px"] * best["tasks"] / best["blocks_total"]
+        report["engine_over_bare"] = classified_px / best["map_wall_s"] / report["bare_forward"]["px_per_s"]
+    print(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""``wsi-lymph distill`` end to end on tiny data through a real LocalCluster, interrupted and resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pooch
+import pytest
+from conftest import CROPS, SLIDES
+
+from wsi_lymph.detection.stain import lab_statistics
+from wsi_lymph.models.architectures import STUDENT_ARCH
+from wsi_lymph.models.checkpoints import load_checkpoint
+from wsi_lymph.training.distill import read_plan, reference_statistics
+
+pytestmark = [pytest.mark.shared_data, pytest.mark.slow]
+
+
+def _plan(folder: Path) -> Path:
+    slide = str(SLIDES / "cmu-1-small-region.svs")
+    plan = {"images": [
+        {"name": "a", "path": slide, "region": [700, 1000, 48, 48], "role": "train"},
+        {"name": "b", "path": slide, "region": [1000, 1100, 48, 48], "role": "train"},
+        {"name": "c", "path": slide, "region": [800, 1200, 40, 40], "role": "heldout"},
+    ]}
+    path = folder / "plan.json"
+    path.write_text(json.dumps(plan))
+    return path
+
+
+def _distill(plan: Path, out: Path, env: dict) -> subprocess.Popen:
+    command = [sys.executable, "-m", "wsi_lymph.cli", "distill", str(plan), "--crops", str(CROPS), "--out", str(out),
+               "--teacher", "janowczyk2016/fold1", "--teacher-stride", "8", "--iterations", "60",
+               "--batch-size", "4", "--checkpoint-every", "20", "--workers", "1", "--dashboard", ":0"]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def test_distill_runs_end_to_end_and_resumes_after_a_kill(tmp_path, model_cache):
+    env = os.environ.copy()
+    out = tmp_path / "distill"
+    plan = _plan(tmp_path)
+    first = _distill(plan, out, env)
+    state = out / "training" / "student-state-20.pt"
+    deadline = time.monotonic() + 600
+    while not state.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert state.exists(), first.communicate()[0] if first.poll() is not None else "no checkpoint in time"
+    os.killpg(first.pid, signal.SIGKILL)  # the command, its scheduler and its worker: a machine that went away
+    first.wait()
+    assert not (out / "model.pt").exists()
+
+    second = _distill(plan, out, env)
+    output, _ = second.communicate(timeout=900)
+    assert second.returncode == 0, output
+    assert "Traceback" not in output
+
+    card = json.loads((out / "model-card.json").read_text())
+    # Resumed: training went on from a checkpoint of the killed run, not from step 0.
+    assert card["evaluation"]["training_resumed_from_step"] >= 20
+    net, mean, meta = load_checkpoint(out / "model.pt")
+    assert meta["arch"] == STUDENT_ARCH and meta["stain_norm"] == "reinhard"
+    assert card["sha256"] == pooch.file_hash(str(out / "model.pt"))
+    assert card["threshold"] == meta["threshold"] and 0.3 <= meta["threshold"] < 1
+    assert card["flops_per_20x_px"] <= 0.2e6 and card["recipe"]["iterations"] == 60
+    assert card["teacher"]["name"] == "janowczyk2016/fold1" and len(card["teacher"]["member_sha256"]) == 1
+    # The stain reference stored with the model is that of the crops, and every plan image is on record.
+    reference = reference_statistics(sorted(CROPS.glob("example_?.tif")))
+    np.testing.assert_allclose(meta["stain_reference"]["mean"], reference.mean, atol=1e-9)
+    names = {entry["name"]: entry for entry in card["images"]}
+    assert set(names) == {im.name for im in read_plan(plan)}
+    assert names["c"]["role"] == "heldout" and len(names["a"]["prepared_sha256"]) == 64
+    # Scores: leave-one-crop-out over the 3 crops, concordance on the held-out image, the stain-shift curve.
+    loco = card["evaluation"]["crops_leave_one_out"]
+    assert [row["image"] for row in loco["per_crop"]] == ["example_1", "example_2", "example_3"]
+    assert "c" in card["evaluation"]["concordance"]["per_image"]
+    assert len(card["evaluation"]["stain_shift_f"]) == 10
+    # The prepared images are normalised to the reference domain.
+    import tifffile
+
+    prepared = tifffile.imread(out / "images" / "a.tif")
+    assert abs(lab_statistics(prepared).mean[2] - reference.mean[2]) < 8
