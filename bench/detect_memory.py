@@ -19,15 +19,13 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import tifffile
+from process_tree import run_sampling_rss
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -80,19 +78,7 @@ def run_detect(slide: Path, out: Path, args) -> dict:
     env.setdefault("WSI_LYMPH_MODEL_SOURCE", str(SHARED / "models" / "janowczyk2016-lymphocyte"))
     command = [sys.executable, "-m", "wsi_lymph.cli", "detect", str(slide), "--out", str(out), "--model", args.model,
                "--stride", str(args.stride), "--workers", str(args.workers), "--dashboard", ":0"]
-    start = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    root, peak = psutil.Process(proc.pid), 0
-    while proc.poll() is None:
-        try:
-            tree = [root, *root.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
-        except psutil.Error:
-            pass
-        time.sleep(0.2)
-    wall = time.perf_counter() - start
-    if proc.returncode:
-        raise SystemExit(f"detect failed on {slide}: {proc.stderr.read()}")
+    wall, peak, _ = run_sampling_rss(command, env)
     summary = json.loads((out / slide.stem / "summary.json").read_text())
     return {"peak_rss_gb": peak / 1e9, "wall_s": wall, "count": summary["count"],
             "blocks": summary["blocks_total"], "skipped": summary["blocks_skipped"]}

@@ -24,15 +24,14 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
+from process_tree import run_sampling_rss
 
 from wsi_lymph.constants import DEFAULT_MODEL
 from wsi_lymph.engine.batch import run_detect, run_probmaps
@@ -87,19 +86,7 @@ def end_to_end(repeats: int, tmp: Path) -> list[dict]:
     for k in range(repeats):
         out = tmp / f"cli-{k}"
         command = [sys.executable, "-m", "wsi_lymph.cli", "detect", str(SLIDE), "--out", str(out), "--dashboard", ":0"]
-        start = time.perf_counter()
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        root, peak = psutil.Process(proc.pid), 0
-        while proc.poll() is None:
-            try:
-                tree = [root, *root.children(recursive=True)]
-                peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
-            except psutil.Error:
-                pass
-            time.sleep(0.2)
-        wall = time.perf_counter() - start
-        if proc.returncode:
-            raise SystemExit(f"detect failed: {proc.stderr.read()}")
+        wall, peak, _ = run_sampling_rss(command)
         summary = json.loads((out / SLIDE.stem / "summary.json").read_text())
         runs.append({"wall_s": round(wall, 1), "peak_rss_gb": round(peak / 1e9, 2), "count": summary["count"],
                      "timings_s": summary["timings_s"], "blocks": summary["blocks_total"],
