@@ -20,8 +20,6 @@ from wsi_lymph.models.architectures import STUDENT_ARCH
 from wsi_lymph.models.checkpoints import load_checkpoint
 from wsi_lymph.training.distill import read_plan, reference_statistics
 
-pytestmark = [pytest.mark.shared_data, pytest.mark.slow]
-
 
 def _plan(folder: Path) -> Path:
     slide = str(SLIDES / "cmu-1-small-region.svs")
@@ -43,6 +41,8 @@ def _distill(plan: Path, out: Path, env: dict) -> subprocess.Popen:
                             start_new_session=True)
 
 
+@pytest.mark.shared_data
+@pytest.mark.slow
 def test_distill_runs_end_to_end_and_resumes_after_a_kill(tmp_path, model_cache):
     env = os.environ.copy()
     out = tmp_path / "distill"
@@ -87,3 +87,13 @@ def test_distill_runs_end_to_end_and_resumes_after_a_kill(tmp_path, model_cache)
 
     prepared = tifffile.imread(out / "images" / "a.tif")
     assert abs(lab_statistics(prepared).mean[2] - reference.mean[2]) < 8
+
+
+def test_a_plan_without_names_or_with_an_unknown_role_is_refused_naming_the_file(tmp_path):
+    bad = tmp_path / "plan.json"
+    bad.write_text(json.dumps({"images": [{"path": "a.tif"}]}))
+    with pytest.raises(ValueError, match="plan.json: image 1 of the plan needs a 'name' and a 'path'"):
+        read_plan(bad)
+    bad.write_text(json.dumps({"images": [{"name": "a", "path": "a.tif", "role": "test"}]}))
+    with pytest.raises(ValueError, match="role 'test'"):
+        read_plan(bad)

@@ -350,6 +350,8 @@ class _Batch:
 
     # -------------------------------------------------------------- stage 1: stain map
     def _on_stain_map(self, slide: _Slide, future: Future) -> None:
+        if slide.failed:  # its colour statistics failed first
+            return
         try:
             summary = future.result()
         except Exception as error:  # a worker-side read error of this slide only

@@ -116,7 +116,11 @@ def read_plan(path: str | os.PathLike) -> list[PlanImage]:
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{path}: not a distillation plan ({error})") from None
     images = []
-    for entry in entries:
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not {"name", "path"} <= set(entry):
+            raise ValueError(f"{path}: image {index + 1} of the plan needs a 'name' and a 'path'")
+        if entry.get("role", "train") not in ("train", "heldout"):
+            raise ValueError(f"{path}: image {entry['name']!r} has role {entry['role']!r}; 'train' or 'heldout'")
         file = Path(entry["path"])
         region = entry.get("region")
         images.append(PlanImage(
@@ -297,6 +301,7 @@ def train_student(
     out_dir.mkdir(parents=True, exist_ok=True)
     device = select_device(device)
     mean, std = input_normalisation(pairs)
+    torch.manual_seed(recipe.seed)  # before the network exists: its initial weights follow the seed
     net = SubpixelStudentNet(tuple(std)).to(device)
     mean_t = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     optimiser = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
@@ -310,7 +315,6 @@ def train_student(
         optimiser.load_state_dict(state["optimiser"])
         start = int(state["iteration"])
         log(f"resuming the student's training at step {start} of {recipe.iterations}")
-    torch.manual_seed(recipe.seed)
     net.train()
     for step in range(start, recipe.iterations):
         for group in optimiser.param_groups:
@@ -401,7 +405,7 @@ def image_map(members: list, image_path: str | os.PathLike, *, device: str = "cp
     info = open_slide(image_path)
     frame = choose_frame(info)
     box = (0, frame.shape_rc[0], 0, frame.shape_rc[1])
-    prob, _ = window_probabilities(slide_window_reader(info, frame), box, members, stride_px=4, device=device)
+    prob, _ = window_probabilities(slide_window_reader(info, frame), box, members, device=device)
     return prob
 
 
