@@ -5,15 +5,17 @@ same machine in one run, so the ratios are comparable.
 
     (a) tutorial loop: one forward pass per row of patches, patches cut one by one;
     (b) bare forward: batched forward on random patches already in memory;
-    (c) engine: ``run_probmaps`` on a 1-worker LocalCluster, stride 1, no
+    (c) engine: ``run_probmaps`` on a LocalCluster (1 worker by default), stride 1, no
         hematoxylin skipping, on a region of the real CMU-1 slide — reading,
-        resampling, patch extraction, Dask scheduling and Zarr writes included;
-        once on a fresh worker (model load and first-call set-up included) and
-        once more on the same worker, on the next region (the rate a long slide sees).
+        resampling, patch extraction, Dask scheduling and Zarr writes included.
+
+(b) NHWC and (c) alternate for ``--rounds`` rounds after a warm-up that is not counted;
+each engine run writes a fresh output folder.  Reported: median and range of each, and
+the engine's rate over the bare rate of the same round.
 
 Usage::
 
-    .venv/bin/python bench/patch_throughput.py [--region-px 512] [--bare-patches 61440]
+    .venv/bin/python bench/patch_throughput.py [--region-px 512] [--bare-patches 61440] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -77,61 +80,74 @@ def tutorial_loop(checkpoint: str, rows: int, width: int) -> float:
         return rows * width / (time.perf_counter() - start)
 
 
-def engine(region_px: int, workers: int) -> dict[str, tuple[float, int]]:
-    """Engine throughput on a fresh worker (model load included) and on the same worker again (warm)."""
+def engine_runs(client, region_px: int, workers: int, rounds: int, bare) -> dict[str, list[float]]:
+    """Interleaved warm runs: the bare forward in this process, then the engine on a fresh output, ``rounds`` times.
+
+    One warm-up engine run (model load, worker imports, allocator growth) comes first and is not counted;
+    every engine run classifies the same region into its own new folder (a reused folder would be skipped
+    as finished).
+    """
     from wsi_lymph.engine.batch import run_probmaps
-    from wsi_lymph.engine.cluster import dask_client, torch_threads_per_worker
+    from wsi_lymph.engine.cluster import torch_threads_per_worker
     from wsi_lymph.engine.params import ProbmapParams
 
     slide = SHARED / "slides" / "cmu-1-small-region.svs"
-    rates = {}
-    with dask_client(workers, dashboard_address=":0", quiet=True) as client, tempfile.TemporaryDirectory() as out:
-        client.wait_for_workers(workers)
-        client.run(lambda: __import__("wsi_lymph.detection.inference"))  # imports are not part of the measurement
-        for label, x0 in (("engine_cold", 1000), ("engine_warm", 1000 + region_px // 4)):
-            params = ProbmapParams(
-                stride_px=1, chunk_px=256, block_px=256, skip_hematoxylin=False,
-                region_level0=(x0, 1200, region_px // 4, region_px // 4),
-                torch_threads=torch_threads_per_worker(workers),
-            )
+    params = ProbmapParams(stride_px=1, chunk_px=256, block_px=256, skip_hematoxylin=False,
+                           region_level0=(1000, 1200, region_px // 4, region_px // 4),
+                           torch_threads=torch_threads_per_worker(workers))
+    rates: dict[str, list[float]] = {"bare_nhwc": [], "engine": []}
+    with tempfile.TemporaryDirectory() as out:
+        for k in range(rounds + 1):
+            if k > 0:
+                rates["bare_nhwc"].append(bare())
             start = time.perf_counter()
-            # A fresh output folder per run: the same folder would make the second run a skip of a finished map.
-            [result] = run_probmaps(client, [slide], Path(out) / label, model="janowczyk2016/fold1", params=params,
-                                    progress=False, log=lambda line: None)
+            [result] = run_probmaps(client, [slide], Path(out) / f"run-{k}", model="janowczyk2016/fold1",
+                                    params=params, progress=False, log=lambda line: None)
             elapsed = time.perf_counter() - start
             assert result.status == "done" and not result.reused, result.reason
-            rates[label] = (result.patches / elapsed, result.patches)
+            if k > 0:
+                rates["engine"].append(result.patches / elapsed)
+                print(f"round {k}: bare {rates['bare_nhwc'][-1]:,.0f}, engine {rates['engine'][-1]:,.0f} patches/s "
+                      f"({result.patches:,} patches)", flush=True)
     return rates
 
 
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):>10,.0f} ({min(values):,.0f}-{max(values):,.0f})"
+
+
 def main() -> None:
+    from wsi_lymph.engine.cluster import dask_client
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--region-px", type=int, default=512, help="engine region edge in model-frame px")
     parser.add_argument("--bare-patches", type=int, default=61440)
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--tutorial-rows", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved bare/engine rounds after the warm-up")
+    parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
     [checkpoint] = _models()
     flops = 24.7e6
-    results = {}
-    results["tutorial_loop"] = tutorial_loop(checkpoint, args.tutorial_rows, 400)
-    results["bare_nchw"] = bare_forward(checkpoint, args.bare_patches, args.batch, channels_last=False)
-    # The bare reference is measured before and after the engine and averaged: on a shared 2-core VM
-    # single short measurements drift by tens of percent.
-    bare_before = bare_forward(checkpoint, args.bare_patches, args.batch, channels_last=True)
-    engine_rates = engine(args.region_px, 1)
-    bare_after = bare_forward(checkpoint, args.bare_patches, args.batch, channels_last=True)
-    results["bare_nhwc"] = 0.5 * (bare_before + bare_after)
-    results.update({label: rate for label, (rate, _) in engine_rates.items()})
-    patches = engine_rates["engine_warm"][1]
-    reference = results["bare_nhwc"]
-    print(f"bare NHWC before/after the engine: {bare_before:.0f} / {bare_after:.0f} patches/s")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; engine region {patches} patches")
-    print(f"{'path':<18}{'patches/s':>12}{'GFLOP/s':>10}{'/ bare NHWC':>13}")
-    for name, rate in results.items():
-        print(f"{name:<18}{rate:>12.0f}{rate * flops / 1e9:>10.1f}{rate / reference:>13.2f}")
-    print(json.dumps({k: round(v, 1) for k, v in results.items()}))
+    threads = torch.get_num_threads()
+    bare_forward(checkpoint, args.batch * 4, args.batch, channels_last=True)  # warm-up, not counted
+    single = {"tutorial_loop": tutorial_loop(checkpoint, args.tutorial_rows, 400),
+              "bare_nchw": bare_forward(checkpoint, args.bare_patches, args.batch, channels_last=False)}
+    with dask_client(args.workers, dashboard_address=":0", quiet=True) as client:
+        client.wait_for_workers(args.workers)
+        rates = engine_runs(client, args.region_px, args.workers, args.rounds,
+                            lambda: bare_forward(checkpoint, args.bare_patches, args.batch, channels_last=True))
+    reference = statistics.median(rates["bare_nhwc"])
+    ratios = [e / b for e, b in zip(rates["engine"], rates["bare_nhwc"], strict=True)]
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} threads "
+          f"in this process, {args.workers} worker(s); {args.rounds} rounds after a warm-up")
+    print(f"{'path':<16}{'patches/s: median (range)':>34}{'GFLOP/s':>10}{'/ bare NHWC':>13}")
+    for name, values in {**{k: [v] for k, v in single.items()}, **rates}.items():
+        rate = statistics.median(values)
+        print(f"{name:<16}{_spread(values):>34}{rate * flops / 1e9:>10.1f}{rate / reference:>13.2f}")
+    print(f"engine / bare per round: {', '.join(f'{r:.2f}' for r in ratios)}; "
+          f"against the fastest bare round: {statistics.median(rates['engine']) / max(rates['bare_nhwc']):.2f}")
+    print(json.dumps({"single": single, **rates, "engine_over_bare_per_round": ratios}))
 
 
 if __name__ == "__main__":

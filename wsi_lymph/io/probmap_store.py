@@ -17,8 +17,18 @@ from pathlib import Path
 import dask.array as da
 import numpy as np
 import zarr
+from zarr.codecs import BloscCodec
 
 STORE_DTYPES = {"float32": 1.0, "float16": 1.0, "uint8": 1.0 / 255.0}
+
+
+def map_compressor(dtype: str) -> BloscCodec:
+    """Blosc LZ4 over byte-shuffled values: half the time of Zarr's default Zstd (level 3) per block, ~2% larger.
+
+    Measured on a 2,048² student block of CMU-1 (float16): 0.059 s and 4.9 MB against 0.123 s and 4.8 MB.
+    At the student's speed, writing the map is a visible share of each task (``bench/student_speed.py``).
+    """
+    return BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=np.dtype(dtype).itemsize)
 
 
 def encode(prob: np.ndarray, dtype: str) -> np.ndarray:
@@ -57,6 +67,7 @@ def create_partial_store(path: Path, boxes: list, origin_rc: tuple[int, int], ch
         chunks=(chunk_px, chunk_px),
         dtype=dtype,
         fill_value=0,
+        compressors=map_compressor(dtype),
         attributes=attributes,
         overwrite=True,
     )
