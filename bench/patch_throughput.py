@@ -117,6 +117,9 @@ def _spread(values: list[float]) -> str:
 
 
 def main() -> None:
+    from wsi_lymph.models.device import reuse_freed_memory
+
+    reuse_freed_memory()  # the bare reference takes the fast allocator path the engine's workers take
     from wsi_lymph.engine.cluster import dask_client
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -132,6 +132,9 @@ def bare_forward(threads: int) -> dict:
 
 
 def main() -> None:
+    from wsi_lymph.models.device import reuse_freed_memory
+
+    reuse_freed_memory()  # the bare reference takes the fast allocator path the engine's workers take
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)

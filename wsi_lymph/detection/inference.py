@@ -19,7 +19,7 @@ import torch
 
 from wsi_lymph.models.architectures import EVERY_PIXEL, SUBPIXEL, architecture_of
 from wsi_lymph.models.checkpoints import load_checkpoint
-from wsi_lymph.models.device import exact_cuda_numerics, select_device
+from wsi_lymph.models.device import exact_cuda_numerics, reuse_freed_memory, select_device
 from wsi_lymph.models.networks import (
     STUDENT_UPSCALE,
     dense_probabilities,
@@ -42,6 +42,7 @@ from wsi_lymph.slides.resample import resize_window, resized_length, symmetric_i
 @functools.lru_cache(maxsize=4)
 def _members(checkpoints: tuple[str, ...], device: str):
     """Networks of a model, loaded once per worker process and device."""
+    reuse_freed_memory()  # before the first forward pass: the process's batches then reuse one heap
     loaded = [load_checkpoint(path, device=device) for path in checkpoints]
     return [(net.to(memory_format=torch.channels_last), mean) for net, mean, _ in loaded]
 
