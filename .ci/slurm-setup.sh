@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Single-node Slurm (+ munge) from Debian's packages, for the end-to-end test of `wsi-lymph cv --cluster slurm`.
+# Single-node Slurm (+ munge) from Debian's packages, for the end-to-end tests of `wsi-lymph … --cluster slurm`, and
+# Slurm's PBS/Torque wrappers over it (package slurm-wlm-torque: qsub/qstat/qdel that submit `#PBS` job scripts to
+# this Slurm) for those of `--cluster pbs` (tests/test_pbs.py).
 #
 # Runs as root on a Debian 12 machine without systemd (CI, a developer VM): the daemons are started by hand.
 # Idempotent: a second run keeps daemons that are already up with the same configuration, restarts them when the
@@ -15,10 +17,15 @@ if [ "$(id -u)" != 0 ]; then  # installing and starting daemons needs root; a ru
     exit 1
 fi
 
-if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v sinfo >/dev/null \
-        || ! command -v munged >/dev/null; then
+# Only what is missing: a second run installs nothing. slurm-wlm-torque also registers mpiexec.slurm as mpirun
+# (update-alternatives) where no MPI provides one; it conflicts with Torque's and Grid Engine's own clients.
+missing=()
+for package in slurmctld slurmd slurm-client munge slurm-wlm-torque; do
+    dpkg-query -W -f '${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' || missing+=("$package")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 alive() {  # alive PIDFILE NAME: the process named in PIDFILE runs, is NAME (not a reused pid) and is no zombie
@@ -104,15 +111,29 @@ alive /run/slurm/slurmd.pid slurmd || slurmd -c
 state() { sinfo -h -n "$H" -o %T 2>/dev/null | head -n 1 | tr -d '*~#'; }
 for _ in $(seq 60); do
     case "$(state)" in
-        idle|mixed|allocated) break ;;
+        idle|mixed|allocated|completing) break ;;
         drained|draining|down) scontrol update nodename="$H" state=resume || true ;;
     esac
     sleep 0.5
 done
 case "$(state)" in
-    idle|mixed|allocated) ;;
+    idle|mixed|allocated|completing) ;;
     *) echo "slurm-setup: node $H is '$(state)'" >&2; tail -n 30 /var/log/slurm/*.log >&2; exit 1 ;;
 esac
 timeout 60 srun -t 1 -n 1 hostname >/dev/null
+node_state=$(state)  # before the PBS check below, whose cancelled job leaves the node "completing" for a moment
+# The PBS wrappers: a #PBS script through qsub, seen by qstat, removed by qdel (they read Slurm through its Perl API,
+# which must match the running daemons).
+pbs_script=$(mktemp)
+printf '%s\n' '#!/bin/sh' '#PBS -N slurm-setup-pbs' '#PBS -l walltime=00:01:00' 'sleep 30' > "$pbs_script"
+if ! pbs_job=$(cd /tmp && timeout 60 qsub -o /dev/null -e /dev/null "$pbs_script" 2>&1); then
+    echo "slurm-setup: qsub failed: $pbs_job" >&2
+    rm -f "$pbs_script"
+    exit 1
+fi
+rm -f "$pbs_script"
+timeout 60 qstat "$pbs_job" >/dev/null || { echo "slurm-setup: qstat does not list job $pbs_job" >&2; exit 1; }
+timeout 60 qdel "$pbs_job"
 elapsed_ms=$(( $(date +%s%N) / 1000000 - started_ms ))
-echo "slurm-setup: node $H $(state), $NCPU CPUs, $MEM_MB MB; ready in $(awk "BEGIN{printf \"%.1f\", $elapsed_ms/1000}") s"
+echo "slurm-setup: node $H $node_state, $NCPU CPUs, $MEM_MB MB, qsub/qstat/qdel over it;" \
+    "ready in $(awk "BEGIN{printf \"%.1f\", $elapsed_ms/1000}") s"

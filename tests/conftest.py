@@ -16,11 +16,19 @@ CROPS = DATA / "lymph-centers"
 MODEL_MIRROR = DATA / "models" / "janowczyk2016-lymphocyte"
 
 
+# Every test cluster binds its scheduler, workers and (host-less) dashboard to loopback: the default of --interface,
+# for this process and, through the environment, for every CLI run as a subprocess and every PBS/Slurm worker job.
+# No test sends traffic to another address (cluster_harness.SocketWatch checks it during runs).
+os.environ["DASK_WSI_LYMPH__CLUSTER__INTERFACE"] = "lo"
+
 # Session fixtures that read the shared data: a test using them needs it too.
 _DATA_FIXTURES = {"model_cache", "client"}
 
 
 def pytest_configure(config):
+    import dask
+
+    dask.config.set({"wsi-lymph.cluster.interface": "lo"})  # in case dask read the environment before this file
     if not DATA.is_dir() and os.environ.get("CI"):
         raise pytest.UsageError(f"the shared data folder {DATA} is missing; CI reads the real slides from it")
 
@@ -49,7 +57,7 @@ def model_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def client(model_cache):
-    """A real distributed LocalCluster with 2 worker processes."""
+    """A real distributed LocalCluster with 2 worker processes, on loopback like every test cluster."""
     from wsi_lymph.engine.cluster import dask_client
 
     with dask_client(2, dashboard_address=":0", quiet=True) as client:

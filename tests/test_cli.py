@@ -74,7 +74,8 @@ def test_demo_fetches_the_sample_slide_and_detects(tmp_path):
     features = json.loads((slide_dir / "centers.geojson").read_text())["features"]
     # This 100 x 100 µm region of CMU-1 holds lymphocytes; the count, the table and the GeoJSON agree.
     assert summary["count"] == len(rows) == len(features) > 0
-    assert {"centers.csv", "centers.geojson", "summary.json", "prob.zarr"} <= set(summary["outputs"])
+    assert {"centers.csv", "centers.geojson", "summary.json", "prob.ome.zarr"} <= set(summary["outputs"])
+    assert not (slide_dir / "prob.zarr").exists()  # the working map goes once the slide is done (no --keep-map)
     for name in summary["outputs"]:
         assert (slide_dir / name).exists(), name
 

@@ -50,7 +50,8 @@ def _normalised(script: str) -> str:
 @pytest.mark.parametrize("kind", ["pbs", "slurm"])
 def test_job_scripts_of_the_profiles_match_the_golden_files(kind, tmp_path, monkeypatch):
     monkeypatch.setenv("WSI_LYMPH_CACHE", str(tmp_path))  # the private certificate folder goes there
-    script = _normalised(jobqueue_job_script(kind, config_file=PROFILES))
+    with dask.config.set({"wsi-lymph.cluster.interface": None}):  # the shipped profiles as they are (tests: lo)
+        script = _normalised(jobqueue_job_script(kind, config_file=PROFILES))
     golden = GOLDEN / f"{kind}-gpu.sh"
     if os.environ.get("WSI_LYMPH_UPDATE_GOLDEN"):
         golden.write_text(script)
@@ -116,6 +117,17 @@ def test_each_schedulers_table_entry_reads_its_status_tool_and_walltimes():
     assert pbs.parse_status(ids, qstat) == {"12.pbs-server"}  # 13 finished (F), 14 left the history
     unreachable = subprocess.CompletedProcess(["qstat"], 1, stdout="", stderr="qstat: cannot connect to server")
     assert pbs.parse_status(ids, unreachable) is None  # cannot say: the driver keeps waiting
+    forgotten = subprocess.CompletedProcess(["qstat"], 153, "", "qstat: Unknown Job Id 14.pbs-server\n")
+    assert pbs.parse_status(["14.pbs-server"], forgotten) == set()
+    # Slurm's qstat wrapper (Debian's slurm-wlm-torque; test_pbs.py runs the real one): Torque's C for a job that
+    # ended, ids it does not know left out silently, exit status 153 when it knows none of them.
+    torque = subprocess.CompletedProcess(["qstat", "31", "32", "33"], 0, stdout=(
+        "Job id              Name             Username        Time Use S Queue          \n"
+        "------------------- ---------------- --------------- -------- - ---------------\n"
+        "31                  wsi-lymph-pbs-de root            00:00:12 R debug          \n"
+        "32                  wsi-lymph-pbs-de root            00:00:00 C debug          \n"), stderr="")
+    assert pbs.parse_status(["31", "32", "33"], torque) == {"31"}
+    assert pbs.parse_status(["33"], subprocess.CompletedProcess(["qstat", "33"], 153, "", "")) == set()
     gone = subprocess.CompletedProcess(["squeue"], 1, "", "slurm_load_jobs error: Invalid job id specified")
     assert slurm.parse_status(["7"], gone) == set()
     assert [walltime_seconds("30", kind) for kind in ("pbs", "slurm")] == [30, 1800]
@@ -203,3 +215,43 @@ def test_the_users_certificates_are_used_where_they_are(tmp_path):
             assert client.run_on_scheduler(lambda: 7) == 7
     with pytest.raises(ClusterError, match="--tls-cert"):
         user_security(str(tmp_path / "ca.pem"))
+
+
+def test_test_clusters_bind_to_loopback(client):
+    """The session's LocalCluster: scheduler, nannies, workers and dashboard listen on 127.0.0.1 only."""
+    from cluster_harness import SocketWatch
+
+    info = client.scheduler_info(n_workers=-1)
+    addresses = [client.scheduler.address, *info["workers"], *(w["nanny"] for w in info["workers"].values())]
+    assert len(addresses) == 5 and all(re.fullmatch(r"tcp://127\.0\.0\.1:\d+", a) for a in addresses), addresses
+    ports = {int(client.scheduler.address.rsplit(":", 1)[1]), info["services"]["dashboard"]}
+    watch = SocketWatch(os.getpid())
+    watch.sample()
+    # This process holds other tests' sockets too: of its own, only the scheduler's and the dashboard's count.
+    mine = {(role, address) for role, address in watch.listening
+            if role != "driver" or int(address.rsplit(":", 1)[1]) in ports}
+    assert {int(address.rsplit(":", 1)[1]) for role, address in mine if role == "driver"} == ports, mine
+    assert {role for role, _ in mine} == {"driver", "local worker"}, mine
+    assert all(address.startswith("127.0.0.1:") for _, address in mine), mine
+    assert not [f for f in watch.foreign if not f.startswith("driver")], watch.foreign
+
+
+def test_the_clis_local_cluster_binds_to_loopback(tmp_path):
+    """The CLI's embedded LocalCluster, with the tests' --interface default (lo) and a host-less --dashboard :0."""
+    from cluster_harness import assert_on_loopback, run_driver
+
+    from wsi_lymph.training.synthetic import make_synthetic_dataset
+
+    make_synthetic_dataset(tmp_path / "data", n_images=2, seed=1)
+    run = run_driver(["patches", str(tmp_path / "data"), "--out", str(tmp_path / "patches.zarr"), "--workers", "1",
+                      "--dashboard", ":0"], cwd=tmp_path, timeout_s=120, poll_s=0.2)
+    assert run.returncode == 0, run.output
+    assert re.search(r"Dask dashboard: http://127\.0\.0\.1:\d+/status", run.output), run.output
+    assert_on_loopback(run, {"driver", "local worker"})
+    # The option says the same, and a name that is no interface here is a usage error before any cluster starts.
+    bad = subprocess.run([sys.executable, "-m", "wsi_lymph.cli", "patches", str(tmp_path / "data"), "--out",
+                          str(tmp_path / "other.zarr"), "--interface", "nosuch0"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2, bad.stdout + bad.stderr
+    assert "--interface 'nosuch0'" in bad.stderr and "lo" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "other.zarr").exists()

@@ -126,7 +126,8 @@ def test_detect_over_the_shared_slides_folder(model_cache, tmp_path):
     out = tmp_path / "out"
     run = subprocess.run(
         [sys.executable, "-m", "wsi_lymph.cli", "detect", str(SLIDES), "--out", str(out), "--mpp", "0.5",
-         "--region", "0,0,300,250", "--stride", "4", "--model", FOLD, "--workers", "2", "--dashboard", ":0"],
+         "--region", "0,0,300,250", "--stride", "4", "--model", FOLD, "--workers", "2", "--dashboard", ":0",
+         "--no-stain-check"],  # small-he-levels.tiff is coloured rectangles (refused by default: test_inputs.py)
         capture_output=True, text=True, timeout=600, env=os.environ.copy(),
     )
     assert run.returncode == 0, run.stderr
@@ -235,7 +236,7 @@ def test_detect_peak_stage_equals_one_global_greedy_pass(client, tmp_path):
     attrs = _place_complete_map(slide_path, tmp_path / "out", prob, params)
 
     [result] = run_detect(client, [slide_path], tmp_path / "out", model=FOLD, mpp=0.5, params=params,
-                          peak_block_px=PEAK_BLOCK_PX, progress=False)
+                          peak_block_px=PEAK_BLOCK_PX, keep_map=True, progress=False)
     assert result.status == "done" and result.reused, result.reason
     assert {"peaks", "write"} <= set(result.seconds)
 

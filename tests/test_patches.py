@@ -190,7 +190,7 @@ def test_dask_cluster_gives_the_same_zarr_as_in_process(images, paper_dir, tmp_p
     local = extract_patches(None, paper_dir, tmp_path / "local", seed=3, chunk=64, **SMALL)
     assert local == tmp_path / "local" / "patches.zarr"
     with (
-        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0") as cluster,
         Client(cluster) as client,
         get_task_stream(client) as stream,
     ):

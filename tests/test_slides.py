@@ -106,4 +106,5 @@ def test_find_slides_lists_folders_and_files(tmp_path):
     (tmp_path / "a.svs").write_bytes(b"")
     (tmp_path / ".hidden").write_bytes(b"")
     (tmp_path / "b.txt").write_bytes(b"")
-    assert [p.name for p in find_slides([tmp_path])] == ["a.svs", "b.txt"]
+    assert [p.name for p in find_slides([tmp_path])] == ["a.svs"]  # b.txt is no slide (rules: test_inputs.py)
+    assert find_slides([tmp_path / "b.txt"]) == [tmp_path / "b.txt"]  # named explicitly: taken, fails later

@@ -154,7 +154,7 @@ def test_detect_with_defaults_works_offline_on_an_empty_cache(tmp_path):
     out = tmp_path / "out"
     run = subprocess.run(
         [sys.executable, "-m", "wsi_lymph.cli", "detect", str(SLIDES / "cmu-1-small-region.svs"), "--out", str(out),
-         "--region", "700,1000,300,300", "--workers", "1", "--dashboard", ":0"],
+         "--region", "700,1000,300,300", "--keep-map", "--workers", "1", "--dashboard", ":0"],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stderr

@@ -38,3 +38,9 @@ DEFAULT_MODEL = "wsi-lymph-student"
 #: Default edge of one inference task (model-frame px) for fully convolutional models: large enough that a task's
 #: fixed cost stays a few percent of its work at the student's speed (see BENCHMARKS.md, task granularity).
 FAST_BLOCK_PX = 2048
+
+#: Area of the hotspot field, mm² (``--hotspot-mm2``): the densest circle of this area is reported per slide.
+HOTSPOT_FIELD_MM2 = 1.0
+#: Edge of a ``density.png`` bin, µm (``--density-bin-um``): 0.01 mm², about ten lymphocytes per bin at a
+#: moderate 1,000 per mm², finer than lymphoid aggregates (a few hundred µm) and ~200 bins across a 2 cm slide.
+DENSITY_BIN_UM = 100.0

@@ -3,51 +3,90 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import os
 import sys
 from pathlib import Path
 
 # Library modules that load torch, zarr or distributed are imported inside the commands, so that --help and
 # usage errors answer at once.
-from wsi_lymph.cli.options import add_cluster_options, cluster_kind_of, cluster_kwargs, region_type
+from wsi_lymph.cli import checks, console
+from wsi_lymph.cli.checks import UsageError
+from wsi_lymph.cli.options import add_cluster_options, cluster_kind_of, cluster_kwargs
+from wsi_lymph.cli.parser import DEBUG_HELP, Parser
 from wsi_lymph.cli.training import add_training_commands
-from wsi_lymph.constants import DEFAULT_MODEL, FAST_BLOCK_PX, FRAME_SCALE, PAPER_THRESHOLD, SOURCE_SCAN_MPP
+from wsi_lymph.constants import (
+    DEFAULT_MODEL,
+    DENSITY_BIN_UM,
+    FAST_BLOCK_PX,
+    FRAME_SCALE,
+    HOTSPOT_FIELD_MM2,
+    PAPER_THRESHOLD,
+    SOURCE_SCAN_MPP,
+)
 
 
 def _add_probmap_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("slides", nargs="+", help="slide files and/or folders of slides")
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--out", required=True, type=Path, help="output folder, created if missing; one sub-folder "
+                        "per slide, the log in OUT/wsi-lymph.log")
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"{DEFAULT_MODEL} (default: the fast student, shipped), janowczyk2016 (the paper's "
                         "5-fold ensemble, exact patches), janowczyk2016/foldK, or a checkpoint file")
-    parser.add_argument("--model-source", default=None, help="URL or folder to fetch the paper's models from")
-    parser.add_argument("--mpp", type=float, default=None, help="level-0 µm per pixel, overriding the files")
-    parser.add_argument("--stride", type=int, default=2, help="paper's networks: classify every S-th model-frame "
-                        "pixel, cubic filling between (default 2; 1 = exact); fully convolutional models ignore it")
+    parser.add_argument("--model-source", default=None, help="URL or folder to fetch the paper's models from "
+                        "(default: $WSI_LYMPH_MODEL_SOURCE, else the authors' repository)")
+    parser.add_argument("--mpp", type=checks.mpp(), default=None, help="level-0 µm per pixel, overriding the files "
+                        "(default: the files' own)")
+    parser.add_argument("--stride", type=checks.integer(*checks.STRIDE_RANGE_PX), default=2,
+                        help="paper's networks: classify every S-th model-frame pixel, cubic filling between, 1 to 32 "
+                        "(default 2; 1 = exact); fully convolutional models ignore it")
     parser.add_argument("--stain-norm", default="auto", choices=["auto", "none", "reinhard"],
                         help="colour normalisation to the model's training domain (default auto: the model's own, "
                         "Reinhard for the student, none for the paper's networks)")
     parser.add_argument("--mirror", action="store_true", help="average each patch with its horizontal mirror")
-    parser.add_argument("--region", type=region_type, default=None, help="X,Y,WIDTH,HEIGHT level-0 rectangle only")
+    parser.add_argument("--region", type=checks.region, default=None, help="X,Y,WIDTH,HEIGHT: only this level-0 "
+                        "rectangle, which must lie inside every slide (default: the whole slide)")
     parser.add_argument("--no-skip", action="store_true", help="evaluate blocks without hematoxylin too")
-    parser.add_argument("--dtype", default="float16", choices=["float16", "float32", "uint8"])
-    parser.add_argument("--chunk", type=int, default=512, help="Zarr chunk edge, model-frame px")
-    parser.add_argument("--block", type=int, default=None, help="inference task edge, model-frame px, a chunk "
-                        f"multiple (default: the chunk for patch models, {FAST_BLOCK_PX} for fully convolutional ones)")
-    parser.add_argument("--batch-size", type=int, default=512, help="patches per forward pass")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "float32", "uint8"],
+                        help="number type of the stored map (uint8: P x 255, rounded)")
+    parser.add_argument("--chunk", type=checks.integer(*checks.CHUNK_RANGE_PX), default=512,
+                        help="Zarr chunk edge, model-frame px, 32 to 8192")
+    parser.add_argument("--block", type=checks.integer(checks.CHUNK_RANGE_PX[0], checks.BLOCK_MAX_PX), default=None,
+                        help=f"inference task edge, model-frame px, a multiple of --chunk up to {checks.BLOCK_MAX_PX} "
+                        f"(default: the chunk for patch models, {FAST_BLOCK_PX} for fully convolutional ones)")
+    parser.add_argument("--batch-size", type=checks.integer(*checks.BATCH_RANGE), default=512,
+                        help="patches per forward pass, 1 to 65536")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--force", action="store_true", help="recompute slides already finished in --out")
+    parser.add_argument("--glob", default=None, metavar="PATTERN",
+                        help="in folders, analyse the files whose name matches this shell pattern (case-sensitive, "
+                        "e.g. '*.svs') (default: every slide or image file, leaving out hidden files and annotations: "
+                        "*_seed.*, <N>m.tif, *.csv, *.geojson)")
+    parser.add_argument("--no-stain-check", action="store_true",
+                        help="analyse slides that do not look like H&E (default: refused before inference)")
     add_cluster_options(parser)
 
 
 def _run_batch(args: argparse.Namespace, command: str) -> int:
-    """Shared body of ``probmap`` and ``detect``: find slides, start the cluster, run, report."""
-    from wsi_lymph.engine.cluster import dask_client, default_workers
-    from wsi_lymph.slides.reader import find_slides
+    """Shared body of ``probmap`` and ``detect``: check the options, find slides, start the cluster, run, report."""
+    from wsi_lymph.engine.cluster import default_workers
+    from wsi_lymph.slides.reader import SLIDE_SUFFIXES, scan_slides
 
-    slides = find_slides(args.slides)
-    if not slides:
-        print(f"wsi-lymph {command}: no slides found in " + ", ".join(args.slides), file=sys.stderr)
+    checks.check_out_folder(args.out)
+    checks.check_block(args.block, args.chunk)
+    search = scan_slides(args.slides, args.glob)
+    skipped = search.skipped_line()
+    if search.empty:  # a folder with nothing to analyse is a mistake in the command, found before any cluster
+        wanted = (f"file matching --glob {args.glob!r}" if args.glob
+                  else f"slide or image file ({' '.join(SLIDE_SUFFIXES)})")
+        print(f"wsi-lymph {command}: nothing to analyse in {', '.join(map(str, search.empty))}: no {wanted}"
+              + (f"; {skipped}" if skipped else ""), file=sys.stderr)
         return 2
+    if skipped:
+        print(skipped)
+    slides = search.slides
+    checks.check_region_inside(args.region, slides, args.mpp)
     from wsi_lymph.models.checkpoints import ModelError
     from wsi_lymph.models.registry import load_model
 
@@ -59,12 +98,18 @@ def _run_batch(args: argparse.Namespace, command: str) -> int:
         return 1
     workers = args.workers or default_workers()
     params = _probmap_params(args, workers, fully_convolutional=_fully_convolutional(loaded))
-    options = dict(model=args.model, mpp=args.mpp, params=params, model_source=args.model_source, force=args.force)
-    with dask_client(**cluster_kwargs(args) | {"workers": workers}) as client:
+    options = dict(model=args.model, mpp=args.mpp, params=params, model_source=args.model_source, force=args.force,
+                   check_stain=not args.no_stain_check, log=_say)
+    report_error = ""
+    with console.cluster(command, log_dir=args.out, **cluster_kwargs(args) | {"workers": workers}) as client:
         if command == "detect":
-            from wsi_lymph.engine.batch import run_detect
+            from wsi_lymph.engine.batch import BatchReportError, run_detect
 
-            results = run_detect(client, slides, args.out, threshold=args.threshold, **options)
+            try:
+                results = run_detect(client, slides, args.out, threshold=args.threshold, keep_map=args.keep_map,
+                                     hotspot_mm2=args.hotspot_mm2, density_bin_um=args.density_bin_um, **options)
+            except BatchReportError as error:  # the slides are as reported; only batch.json is missing
+                results, report_error = error.results, f"wsi-lymph {command}: {error}"
         else:
             from wsi_lymph.engine.batch import run_probmaps
 
@@ -72,8 +117,21 @@ def _run_batch(args: argparse.Namespace, command: str) -> int:
     failed = [r for r in results if r.status != "done"]
     print(f"{len(results) - len(failed)} of {len(results)} slides done; outputs in {args.out}")
     for result in failed:
-        print(f"FAILED {result.path}: {result.reason}", file=sys.stderr)
-    return 1 if failed else 0
+        print(f"FAILED {_with_path(result.reason, result.path)}", file=sys.stderr)
+    for result in results:
+        for flag in result.flags:
+            print(f"FLAGGED {result.path}: {flag}", file=sys.stderr)
+    if report_error:
+        print(report_error, file=sys.stderr)
+    return 1 if failed or report_error else 0
+
+
+_say = console.say  # the batch's log lines: above the progress bars, and in the log file
+
+
+def _with_path(reason: str, path: str) -> str:
+    """``path: reason``, the path once (most reasons already start with it)."""
+    return f"{path}: {reason.removeprefix(f'{path}: ')}"
 
 
 def cmd_probmap(args: argparse.Namespace) -> int:
@@ -114,25 +172,27 @@ def _probmap_params(args: argparse.Namespace, workers: int, *, fully_convolution
 def cmd_demo(args: argparse.Namespace) -> int:
     """Fetch the public demo slide (and the paper's models if asked for), then run ``detect`` on it."""
     from wsi_lymph.engine.batch import run_detect
-    from wsi_lymph.engine.cluster import dask_client, default_workers
+    from wsi_lymph.engine.cluster import default_workers
     from wsi_lymph.models.checkpoints import ModelError
     from wsi_lymph.models.registry import load_model
     from wsi_lymph.slides.sample import DEMO_REGION_LEVEL0, DataError, fetch_demo_slide
 
+    checks.check_out_folder(args.out)
     try:
         slide = fetch_demo_slide(args.source)
         fast = _fully_convolutional(load_model(args.model, source=args.model_source))
     except (DataError, ModelError) as error:
         print(f"wsi-lymph demo: {error}", file=sys.stderr)
         return 1
+    checks.check_region_inside(args.region, [slide])
     # The fast model does the whole slide in about a minute; the paper's exact networks a 600-px region.
     args.region = args.region or (None if fast else DEMO_REGION_LEVEL0)
     workers = args.workers or default_workers()
-    with dask_client(**cluster_kwargs(args) | {"workers": workers}) as client:
+    with console.cluster("demo", log_dir=args.out, **cluster_kwargs(args) | {"workers": workers}) as client:
         [result] = run_detect(
             client, [slide], args.out, model=args.model,
             params=_probmap_params(args, workers, fully_convolutional=fast),
-            model_source=args.model_source, force=args.force,
+            model_source=args.model_source, force=args.force, log=_say,
         )
     if result.status != "done":
         print(f"wsi-lymph demo: {result.reason}", file=sys.stderr)
@@ -167,6 +227,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from wsi_lymph.detection.evaluate import match_points, pooled, read_points, read_scores, threshold_sweep
 
+    checks.check_exists(args.pred, "predictions")
+    checks.check_exists(args.truth, "annotations")
+    if args.json is not None:
+        checks.check_out_file(args.json, "--json")
     pairs = _evaluation_pairs(args.pred, args.truth)
     if not pairs:
         print(f"wsi-lymph evaluate: no predictions in {args.pred} match annotations in {args.truth}", file=sys.stderr)
@@ -221,8 +285,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     from wsi_lymph.slides.frame import choose_frame
     from wsi_lymph.slides.reader import SlideError, find_slides, open_slide
 
+    slides = find_slides(args.slides)
+    if not slides:
+        raise UsageError("no slides found in " + ", ".join(args.slides))
     status = 0
-    for path in find_slides(args.slides):
+    for path in slides:
         try:
             info = open_slide(path, mpp=args.mpp)
         except SlideError as error:
@@ -260,6 +327,9 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
 def cmd_models_import(args: argparse.Namespace) -> int:
     from wsi_lymph.models.caffe import CaffeImportError, import_caffe
 
+    checks.check_exists(args.caffemodel, "caffemodel", folder=False)
+    checks.check_exists(args.mean, "mean", folder=False)
+    checks.check_out_file(args.out)
     try:
         out = import_caffe(
             args.caffemodel, args.mean, args.out, name=args.name or args.out.stem, fold=args.fold,
@@ -273,11 +343,15 @@ def cmd_models_import(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``wsi-lymph`` parser: every command, its options and their defaults (``--help``)."""
     from wsi_lymph import __version__
 
-    parser = argparse.ArgumentParser(prog="wsi-lymph", description="Lymphocyte detection in H&E whole-slide images.")
+    parser = Parser(prog="wsi-lymph", description="Lymphocyte detection in H&E whole-slide images.",
+                    epilog="Exit status: 0 done, 1 a failure during the run (one line each; the traceback in the "
+                    "log file), 2 a mistake in the command line (found before any work), 130 interrupted (Ctrl-C).")
     parser.add_argument("--version", action="version", version=f"wsi-lymph {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     probmap = commands.add_parser("probmap", help="slides -> Zarr maps of P(lymphocyte center)")
     _add_probmap_options(probmap)
@@ -285,21 +359,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     detect = commands.add_parser("detect", help="slides -> lymphocyte centres (CSV, GeoJSON, summary)")
     _add_probmap_options(detect)
-    detect.add_argument("--threshold", type=float, default=None, help="peak threshold (default: the model's)")
+    detect.add_argument("--threshold", type=checks.probability(), default=None,
+                        help="peak threshold on smoothed P, between 0 and 1 (default: the model's)")
+    detect.add_argument("--keep-map", action="store_true", help="keep each slide's full-resolution map prob.zarr "
+                        "(needed to find centres again at another --threshold); by default it is deleted once the "
+                        "slide is done, and its pyramid prob.ome.zarr stays")
+    detect.add_argument("--hotspot-mm2", type=checks.number(0, 100, low_open=True, unit=" mm²"),
+                        default=HOTSPOT_FIELD_MM2, help="area of the hotspot field, the densest circle reported per "
+                        f"slide, > 0 and ≤ 100 mm² (default {HOTSPOT_FIELD_MM2:g})")
+    detect.add_argument("--density-bin-um", type=checks.number(5, 5000, unit=" µm"), default=None,
+                        help=f"bin edge of density.png, 5 to 5000 µm (default {DENSITY_BIN_UM:g}; 50 for regions "
+                        "under 2 mm across, 25 under 1 mm)")
     detect.set_defaults(func=cmd_detect)
 
     demo = commands.add_parser("demo", help="fetch a public sample slide, run detect on it (the whole slide with "
                                "the default model)")
-    demo.add_argument("--out", required=True, type=Path)
+    demo.add_argument("--out", required=True, type=Path, help="output folder, created if missing")
     demo.add_argument("--source", default=None, help="URL or folder holding CMU-1-Small-Region.svs "
-                      "(default: OpenSlide's test data; env WSI_LYMPH_DATA_SOURCE)")
-    demo.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL}, shipped)")
-    demo.add_argument("--model-source", default=None, help="URL or folder to fetch the paper's models from")
-    demo.add_argument("--stride", type=int, default=4, help="paper's networks: stride (default 4)")
-    demo.add_argument("--region", type=region_type, default=None, help="level-0 X,Y,W,H (default: the whole slide "
-                      "with a fully convolutional model, a 600-px region with the paper's networks)")
-    for name, default in (("--mirror", False), ("--no-skip", False), ("--force", False)):
-        demo.add_argument(name, action="store_true", default=default)
+                      "(default: $WSI_LYMPH_DATA_SOURCE, else OpenSlide's test data)")
+    demo.add_argument("--model", default=DEFAULT_MODEL, help="model name or checkpoint file, as for detect")
+    demo.add_argument("--model-source", default=None, help="URL or folder to fetch the paper's models from "
+                      "(default: $WSI_LYMPH_MODEL_SOURCE, else the authors' repository)")
+    demo.add_argument("--stride", type=checks.integer(*checks.STRIDE_RANGE_PX), default=4,
+                      help="paper's networks: classify every S-th model-frame pixel, 1 to 32")
+    demo.add_argument("--region", type=checks.region, default=None, help="level-0 X,Y,W,H (default: the whole "
+                      "slide with a fully convolutional model, a 600-px region with the paper's networks)")
+    demo.add_argument("--mirror", action="store_true", help="average each patch with its horizontal mirror")
+    demo.add_argument("--no-skip", action="store_true", help="evaluate blocks without hematoxylin too")
+    demo.add_argument("--force", action="store_true", help="recompute a demo already finished in --out")
     demo.set_defaults(func=cmd_demo, dtype="float16", chunk=512, block=None, batch_size=512, device=None, mpp=None,
                       stain_norm="auto")
     add_cluster_options(demo)
@@ -307,49 +394,103 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="precision, recall and F of detections against annotations")
     evaluate.add_argument("pred", type=Path, help="a centers.csv or a detect output folder")
     evaluate.add_argument("truth", type=Path, help="annotations: CSV of x,y, seed image or RGBA mask, or a folder")
-    evaluate.add_argument("--tolerance-um", type=float, default=3.0, help="matching distance (default: 3 µm, "
-                          "one lymphocyte radius)")
-    evaluate.add_argument("--mpp", type=float, default=None, help="µm/px when no summary.json gives it")
+    evaluate.add_argument("--tolerance-um", type=checks.number(0, 100, low_open=True, unit=" µm"), default=3.0,
+                          help="matching distance in µm, > 0 (default: 3 µm, one lymphocyte radius)")
+    evaluate.add_argument("--mpp", type=checks.mpp(), default=None, help="µm/px of the images (default: the "
+                          "summary.json beside each centers.csv)")
     evaluate.add_argument("--sweep", action="store_true", help="report the F-optimal threshold")
-    evaluate.add_argument("--json", type=Path, default=None, help="also write the report as JSON")
+    evaluate.add_argument("--json", type=Path, default=None, help="also write the report as JSON to this file")
     evaluate.set_defaults(func=cmd_evaluate)
 
     info = commands.add_parser("info", help="print a slide's levels, resolution and model frame")
-    info.add_argument("slides", nargs="+")
-    info.add_argument("--mpp", type=float, default=None)
+    info.add_argument("slides", nargs="+", help="slide files and/or folders of slides")
+    info.add_argument("--mpp", type=checks.mpp(), default=None, help="level-0 µm per pixel, overriding the files "
+                      "(default: the files' own)")
     info.set_defaults(func=cmd_info)
 
-    models = commands.add_parser("models", help="fetch or import models").add_subparsers(dest="action", required=True)
+    models = commands.add_parser("models", help="fetch or import models").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
     fetch = models.add_parser("fetch", help="download, verify and convert the paper's released models")
-    fetch.add_argument("name", help="janowczyk2016")
-    fetch.add_argument("--source", default=None, help="base URL or folder (default: the authors' repository; "
-                       "env WSI_LYMPH_MODEL_SOURCE)")
-    fetch.add_argument("--force", action="store_true")
+    fetch.add_argument("name", choices=["janowczyk2016"], help="the models to fetch: janowczyk2016")
+    fetch.add_argument("--source", default=None, help="base URL or folder (default: $WSI_LYMPH_MODEL_SOURCE, else "
+                       "the authors' repository)")
+    fetch.add_argument("--force", action="store_true", help="download and convert again, even if cached")
     fetch.set_defaults(func=cmd_models_fetch)
     imp = models.add_parser("import-caffe", help="convert a .caffemodel + mean .binaryproto into a checkpoint")
-    imp.add_argument("caffemodel", type=Path)
+    imp.add_argument("caffemodel", type=Path, help="the Caffe weights (.caffemodel)")
     imp.add_argument("mean", type=Path, help="mean image .binaryproto")
     imp.add_argument("--out", type=Path, required=True, help="checkpoint file to write (.pt)")
-    imp.add_argument("--name", default=None)
-    imp.add_argument("--fold", type=int, default=None)
-    imp.add_argument("--threshold", type=float, default=PAPER_THRESHOLD, help="peak threshold of this model")
-    imp.add_argument("--source-mpp", type=float, default=SOURCE_SCAN_MPP, help="µm/px of the training scans")
-    imp.add_argument("--frame-scale", type=float, default=FRAME_SCALE, help="upscaling applied before patches")
+    imp.add_argument("--name", default=None, help="model name recorded in the checkpoint (default: --out's stem)")
+    imp.add_argument("--fold", type=checks.integer(1), default=None, help="cross-validation fold the model comes "
+                     "from, ≥ 1 (default: none recorded)")
+    imp.add_argument("--threshold", type=checks.probability(), default=PAPER_THRESHOLD,
+                     help="peak threshold of this model, between 0 and 1")
+    imp.add_argument("--source-mpp", type=checks.mpp(), default=SOURCE_SCAN_MPP, help="µm/px of the training scans")
+    imp.add_argument("--frame-scale", type=checks.number(0, 64, low_open=True), default=FRAME_SCALE,
+                     help="upscaling applied before patches, > 0 and ≤ 64")
     imp.set_defaults(func=cmd_models_import)
 
     add_training_commands(commands)
     return parser
 
 
+#: Commands that go on where they stopped when run again (the interrupt line says so).
+RESUMABLE = frozenset({"probmap", "detect", "demo", "patches", "train", "cv", "distill"})
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``wsi-lymph`` command.
+
+    Returns
+    -------
+    int
+        Exit status: 0 done; 1 a failure during the run (one line each, the traceback in the log file); 2 a
+        mistake in the command line, found before any work or cluster; 130 interrupted (Ctrl-C).
+    """
+    args = build_parser().parse_args(argv)
+    command = " ".join(filter(None, (args.command, getattr(args, "action", None))))
+    debug = bool(args.debug or os.environ.get("WSI_LYMPH_DEBUG"))
+    with console.session(debug=debug):
+        try:
+            return args.func(args)
+        except UsageError as error:
+            print(f"wsi-lymph {command}: {error}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            console.tell_interrupted(command, resumable=args.command in RESUMABLE)
+            return 130
+        except BrokenPipeError:  # stdout's reader went away (``| head``): nothing left to tell it
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
+        except Exception as error:  # noqa: BLE001 - the one place that turns any error into one line
+            return _failed(command, error, debug)
+
+
+def _failed(command: str, error: Exception, debug: bool) -> int:
+    """One line for an error nobody caught: what it is and where its traceback went; exit status 1 (2 for a
+    cluster that cannot be built from the options)."""
     from wsi_lymph.engine.cluster import ClusterError
 
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except ClusterError as error:  # bad cluster options or refused job submissions: a message, not a traceback
-        print(f"wsi-lymph {args.command}: {error}", file=sys.stderr)
+    if isinstance(error, ClusterError):  # bad cluster options or refused job submissions
+        logging.getLogger("wsi_lymph.cli").debug("cluster error", exc_info=error)
+        print(f"wsi-lymph {command}: {error}", file=sys.stderr)
         return 2
+    logging.getLogger("wsi_lymph.cli").debug("wsi-lymph %s failed", command, exc_info=error)
+    path = console.LOG_FILE.keep()
+    where = f"traceback in {path}" if path else "no log file could be written"
+    print(f"wsi-lymph {command}: {_describe(error)} ({where}{'' if debug else '; --debug prints it'})",
+          file=sys.stderr)
+    return 1
+
+
+def _describe(error: BaseException) -> str:
+    """An error in plain words: a file error as ``path: reason``, others as ``Type: message``."""
+    if isinstance(error, OSError) and error.strerror:
+        where = f"{error.filename}: " if error.filename else ""
+        return f"{where}{error.strerror}"
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 if __name__ == "__main__":

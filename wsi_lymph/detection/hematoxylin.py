@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import dask.array as da
 import numpy as np
+from dask import delayed
+from dask.base import tokenize
 from skimage.color import rgb2hed
 from skimage.measure import block_reduce
 
@@ -168,27 +170,67 @@ def stain_summary(
 
     Returns
     -------
-    parts : list of dask.array.Array
-        The positive mask, the number of positive cells and the summed tissue fraction.
+    parts : list of dask.delayed.Delayed
+        One ``hematoxylin-cells`` task per stain-map chunk under the region (plus the margin): its
+        share of the positive mask, of the number of positive cells and of the summed tissue fraction.
     assemble : callable
         ``assemble(*computed_parts)`` gives the :class:`StainSummary`.
     """
     smap, cell_mpp = stain_map(info, mask_mpp)
     shape = smap.shape[:2]
-    top, bottom, left, right = cells_of_box(box, frame, cell_mpp, shape, margin_um)
-    i_top, i_bottom, i_left, i_right = cells_of_box(box, frame, cell_mpp, shape, 0.0)
-    positive = smap[top:bottom, left:right, HEMATOXYLIN] > threshold_od
-    inner = smap[i_top:i_bottom, i_left:i_right]
-    parts = [positive, (inner[..., HEMATOXYLIN] > threshold_od).sum(), inner[..., TISSUE].sum(dtype=np.float64)]
+    outer = cells_of_box(box, frame, cell_mpp, shape, margin_um)
+    inner = cells_of_box(box, frame, cell_mpp, shape, 0.0)
+    top, bottom, left, right = outer
+    # One `hematoxylin-cells` task per stain-map chunk under the region, rather than dask's generic
+    # getitem/gt/sum tasks: the dashboard shows every task under its stage's name.
+    token = tokenize(smap.name, outer, inner, threshold_od)
+    chunks = smap.to_delayed(optimize_graph=False)[..., 0]
+    row_starts, col_starts = (np.cumsum((0, *sizes)).tolist() for sizes in smap.chunks[:2])
+    parts = [
+        delayed(_cells_of_chunk, pure=True)(chunks[i, j], (row_starts[i], col_starts[j]), outer, inner, threshold_od,
+                                            dask_key_name=(f"hematoxylin-cells-{token}", i, j))
+        for i in range(len(row_starts) - 1) for j in range(len(col_starts) - 1)
+        if row_starts[i] < bottom and row_starts[i + 1] > top and col_starts[j] < right and col_starts[j + 1] > left
+    ]
     # The cells covering the region overhang its edges; their fractions are applied to the region's own area.
-    n_cells = max(1, (i_bottom - i_top) * (i_right - i_left))
+    n_cells = max(1, (inner[1] - inner[0]) * (inner[3] - inner[2]))
     region_mm2 = (box[1] - box[0]) * (box[3] - box[2]) * (frame.mpp / 1000.0) ** 2
 
-    def assemble(positive_cells: np.ndarray, n_positive: float, tissue_cells: float) -> StainSummary:
-        return StainSummary(np.asarray(positive_cells, dtype=bool), (top, left), tuple(shape), cell_mpp,
-                            float(n_positive) / n_cells * region_mm2, float(tissue_cells) / n_cells * region_mm2)
+    def assemble(*cells: tuple) -> StainSummary:
+        positive = np.zeros((bottom - top, right - left), dtype=bool)
+        n_positive, tissue_cells = 0, 0.0
+        for (row, col), part, count, fraction in cells:  # in row-major chunk order: the same sum every time
+            positive[row : row + part.shape[0], col : col + part.shape[1]] = part
+            n_positive, tissue_cells = n_positive + count, tissue_cells + fraction
+        return StainSummary(positive, (top, left), tuple(shape), cell_mpp,
+                            n_positive / n_cells * region_mm2, tissue_cells / n_cells * region_mm2)
 
     return parts, assemble
+
+
+def _cells_of_chunk(chunk: np.ndarray, start_rc: tuple[int, int], outer: tuple[int, int, int, int],
+                    inner: tuple[int, int, int, int], threshold_od: float) -> tuple:
+    """One ``hematoxylin-cells`` task: a stain-map chunk's share of :func:`stain_summary`.
+
+    Returns
+    -------
+    tuple
+        (row, col) of its part within ``outer``, that part's positive cells (bool), the number of
+        positive cells and the summed tissue fraction of its cells within ``inner``.
+    """
+    rows, cols = chunk.shape[:2]
+
+    def window(cells: tuple[int, int, int, int]) -> tuple[slice, slice]:
+        top, bottom, left, right = (cells[0] - start_rc[0], cells[1] - start_rc[0],
+                                    cells[2] - start_rc[1], cells[3] - start_rc[1])
+        return (slice(min(max(top, 0), rows), min(max(bottom, 0), rows)),
+                slice(min(max(left, 0), cols), min(max(right, 0), cols)))
+
+    around, within = chunk[window(outer)], chunk[window(inner)]
+    rows_around, cols_around = window(outer)
+    offset = (start_rc[0] + rows_around.start - outer[0], start_rc[1] + cols_around.start - outer[2])
+    return (offset, around[..., HEMATOXYLIN] > threshold_od,
+            int((within[..., HEMATOXYLIN] > threshold_od).sum()), float(within[..., TISSUE].sum(dtype=np.float64)))
 
 
 def blocks_with_hematoxylin(

@@ -22,7 +22,10 @@ The dashboard binds where ``dashboard_address`` says (default: localhost of the 
 reach it through an SSH tunnel), and the printed link follows ``distributed.dashboard.link``.
 
 Dask config keys of wsi-lymph (e.g. in ``~/.config/dask/wsi-lymph.yaml``): ``wsi-lymph.cluster.kind`` (default of
-``--cluster``), ``wsi-lymph.cluster.profile``, ``wsi-lymph.cluster.jobs``, ``wsi-lymph.cluster.tls-dir``.
+``--cluster``), ``wsi-lymph.cluster.profile``, ``wsi-lymph.cluster.jobs``, ``wsi-lymph.cluster.tls-dir``,
+``wsi-lymph.cluster.interface`` (default of ``--interface``: the network interface scheduler and workers bind to,
+e.g. ``lo`` to keep a test's traffic on loopback) and ``wsi-lymph.cluster.status-interval`` (how often the status
+tool is asked about jobs that never got a worker, default 30 s).
 """
 
 from __future__ import annotations
@@ -52,13 +55,15 @@ from dask_jobqueue.pbs import pbs_format_bytes_ceil
 from distributed import Client, LocalCluster
 from distributed.comm import get_address_host
 from distributed.security import Security
-from distributed.utils import format_dashboard_link
+from distributed.utils import format_dashboard_link, get_ip_interface
 
 from wsi_lymph.cache import cache_dir
 from wsi_lymph.engine.jobqueue_compat import close_cluster, closing_job_class, replace_lost_jobs, submit_jobs
 
 #: Where the dashboard listens unless told: the driver machine's loopback, reached through an SSH tunnel.
 DEFAULT_DASHBOARD = "localhost:8787"
+#: How often, by default, the status tool (qstat, squeue) is asked whether jobs that never got a worker still exist.
+DEFAULT_STATUS_INTERVAL = "30s"
 #: Flags that override a profile's job options (``--gpus`` rewrites several options at once).
 JOB_OPTION_FLAGS = ("queue", "account", "walltime", "cores", "memory", "gpus")
 
@@ -100,6 +105,9 @@ class ClusterKind:
         States of a job that will not run (any more).
     unknown_job_pattern : str
         Regular expression of the error text for ids the tool no longer knows (those jobs ended).
+    unknown_job_exit_codes : frozenset of int
+        Exit statuses of the tool that mean "none of these ids is known" even without that text (PBS: 153, the low
+        byte of ``PBSE_UNKJOBID``; Slurm's ``qstat`` wrapper exits so, silently, when no id matches).
 
     Examples
     --------
@@ -124,6 +132,7 @@ class ClusterKind:
     state_column: int
     ended_states: frozenset[str]
     unknown_job_pattern: str
+    unknown_job_exit_codes: frozenset[int] = frozenset()
 
     def active_jobs(self, ids: Sequence[str]) -> set[str] | None:
         """Which of the job ids are still queued or running (None: the status tool cannot say)."""
@@ -138,6 +147,7 @@ class ClusterKind:
         """Which of ``ids`` the status tool's ``result`` lists as queued or running (None: it cannot say).
 
         A row's id may carry a server suffix (PBS ``123.server``); rows of other jobs or headers are ignored.
+        Ids the tool does not list at all have ended; a failure that names no id (server unreachable) is None.
         """
         short = {i.split(".")[0]: i for i in ids}
         active = set()
@@ -145,7 +155,9 @@ class ClusterKind:
             job = row[0].split(".")[0] if row else None
             if job in short and not (len(row) > self.state_column and row[self.state_column] in self.ended_states):
                 active.add(short[job])
-        if result.returncode != 0 and not active and not re.search(self.unknown_job_pattern, result.stderr):
+        unknown = (result.returncode in self.unknown_job_exit_codes
+                   or re.search(self.unknown_job_pattern, result.stderr))
+        if result.returncode != 0 and not active and not unknown:
             return None
         return active
 
@@ -176,10 +188,12 @@ CLUSTER_KINDS: dict[str, ClusterKind] = {
     "pbs": ClusterKind(
         name="pbs", cluster_class=PBSCluster, walltime_units_s=((1,), (60, 1), (3600, 60, 1)),
         gpu_directive=None, gpu_directive_pattern=None, resource_spec=_pbs_select,
-        # qstat: one row per job it still knows, state in the 5th column (F = finished, with history); unknown
-        # ids are reported on stderr.
-        status_tool="qstat", status_args=list, state_column=4, ended_states=frozenset({"F"}),
-        unknown_job_pattern=r"Unknown Job Id|Job has finished"),
+        # qstat: one row per job it still knows, state in the 5th column. Ended: PBS Pro's F (finished, listed
+        # with history) and X (finished subjob), Torque's C (completed), which Slurm's qstat wrapper (Debian's
+        # slurm-wlm-torque) prints for a job Slurm still lists as completed, cancelled or failed. PBS Pro names
+        # unknown ids on stderr and exits 153; the wrapper prints nothing for them and exits 153 when no id matched.
+        status_tool="qstat", status_args=list, state_column=4, ended_states=frozenset({"F", "X", "C"}),
+        unknown_job_pattern=r"Unknown Job Id|Job has finished", unknown_job_exit_codes=frozenset({153})),
     "slurm": ClusterKind(
         name="slurm", cluster_class=SLURMCluster, walltime_units_s=((60,), (60, 1), (3600, 60, 1)),
         gpu_directive="--gres=gpu:{gpus}", gpu_directive_pattern=r"--(gres[= ]gpu|gpus)", resource_spec=None,
@@ -234,6 +248,35 @@ def cluster_kind(target: str | None) -> str:
         return "address"
     raise ClusterError(f"--cluster wants local, {', '.join(CLUSTER_KINDS)} or a scheduler address "
                        f"(tcp://host:8786), got {target!r}")
+
+
+def interface_address(interface: str) -> str:
+    """The IPv4 address of this machine's network interface ``interface`` (``lo``: 127.0.0.1).
+
+    Raises
+    ------
+    ClusterError
+        The machine has no such interface, or it has no IPv4 address.
+    """
+    try:
+        return get_ip_interface(interface)
+    except ValueError:
+        import psutil  # a dependency of distributed
+
+        raise ClusterError(f"--interface {interface!r}: this machine has no network interface of that name with an "
+                           f"IPv4 address; it has {', '.join(sorted(psutil.net_if_addrs()))}") from None
+
+
+def _default_interface(interface: str | None) -> str | None:
+    """``--interface``, else the Dask config's ``wsi-lymph.cluster.interface``, else None (dask's own choice)."""
+    return interface or dask.config.get("wsi-lymph.cluster.interface", None) or None
+
+
+def _dashboard_on(dashboard_address: str, host: str | None) -> str:
+    """A dashboard address without a host (``:0``, ``:8787``) bound to ``host`` instead of every interface."""
+    if host is None or ":" not in dashboard_address or dashboard_address.rpartition(":")[0]:
+        return dashboard_address
+    return f"{host}{dashboard_address}"
 
 
 # ------------------------------------------------------------------------------------------ job options
@@ -471,6 +514,7 @@ def jobqueue_cluster(
     security: Security | bool | None = True,
     dashboard_address: str | None = None,
     tls_dir: str | os.PathLike | None = None,
+    interface: str | None = None,
     replace_interval: str | float = "2s",
 ) -> Iterator[JobQueueCluster]:
     """A dask-jobqueue cluster (no jobs yet) for the duration of a ``with`` block.
@@ -489,8 +533,14 @@ def jobqueue_cluster(
     tls_dir : path-like, optional
         Base of the private certificate directory (default: ``jobqueue.<kind>.shared-temp-directory``, else
         ``wsi-lymph.cluster.tls-dir``, else ``~/.cache/wsi-lymph/tls``).
+    interface : str, optional
+        Network interface the scheduler and the workers bind to (``lo``, ``ib0``), over the profile's
+        ``interface`` (default: ``wsi-lymph.cluster.interface``, else the profile's).  Unless the profile's
+        ``scheduler-options`` name a host, this machine must have it; a dashboard address without a host then binds
+        to it too.
     replace_interval : str or float
-        How often to look for jobs that ended and submit replacements.
+        How often to look for jobs that ended and submit replacements; jobs that never got a worker are looked up
+        with the status tool every ``wsi-lymph.cluster.status-interval`` (default 30 s).
 
     Yields
     ------
@@ -506,8 +556,22 @@ def jobqueue_cluster(
     scheduler_options = dict(options.pop("scheduler_options", None) or {})
     scheduler_options["dashboard_address"] = (dashboard_address or scheduler_options.get("dashboard_address")
                                               or DEFAULT_DASHBOARD)
+    interface = _default_interface(interface) or options.get("interface")
+    if interface:
+        options["interface"] = interface
+    if interface and not {"host", "interface"} & set(scheduler_options):
+        # dask-jobqueue binds the scheduler to the workers' interface too: it must exist here, and a dashboard
+        # bound to "every interface" would leave the loopback (or the fabric) the user asked for.
+        scheduler_options["dashboard_address"] = _dashboard_on(scheduler_options["dashboard_address"],
+                                                               interface_address(interface))
     tls_base = options.pop("shared_temp_directory", None)
     tls_base = tls_dir or tls_base
+    status_interval = dask.config.get("wsi-lymph.cluster.status-interval", None) or DEFAULT_STATUS_INTERVAL
+    try:
+        status_interval_s = parse_timedelta(status_interval)
+    except (ValueError, KeyError, TypeError):
+        raise ClusterError(f"wsi-lymph.cluster.status-interval wants a duration such as 30s, got {status_interval!r}"
+                           ) from None
     with ExitStack() as stack:
         security, private = _worker_security(security, tls_base, stack)
         cluster = scheduler.cluster_class(job_cls=job_cls, security=security,
@@ -518,7 +582,8 @@ def jobqueue_cluster(
         cluster.job_options = options
         stack.callback(close_cluster, cluster)
         stack.enter_context(_sigterm_as_exit())
-        replace_lost_jobs(cluster, parse_timedelta(replace_interval))
+        replace_lost_jobs(cluster, parse_timedelta(replace_interval), job_status=scheduler.active_jobs,
+                          status_interval_s=status_interval_s)
         yield cluster
 
 
@@ -622,6 +687,7 @@ def dask_client(
     tls_dir: str | os.PathLike | None = None,
     secure: bool = True,
     dashboard_address: str | None = None,
+    interface: str | None = None,
     memory_limit: str | float = "auto",
     resources: dict[str, float] | None = None,
     quiet: bool = False,
@@ -658,6 +724,10 @@ def dask_client(
     dashboard_address : str, optional
         Where the dashboard of a cluster started here listens (``":0"`` = any free port on every interface);
         default ``localhost:8787`` (PBS/Slurm: the profile's ``scheduler-options`` may say otherwise).
+    interface : str, optional
+        Network interface the scheduler and the workers of a cluster started here bind to (``lo``: loopback only;
+        ``ib0``: InfiniBand), and a dashboard address without a host; default ``wsi-lymph.cluster.interface``, else
+        local clusters bind to 127.0.0.1 and PBS/Slurm clusters to the profile's ``interface``.
     memory_limit : str or float
         Per-worker memory limit of the local cluster.
     resources : dict, optional
@@ -684,14 +754,15 @@ def dask_client(
             session = _scheduler_client(address, user_security(tls_ca_file, tls_cert, tls_key), say)
         elif kind == "local":
             session = _local_client(workers or default_workers(), dashboard_address or DEFAULT_DASHBOARD,
-                                    memory_limit, resources, say)
+                                    _default_interface(interface), memory_limit, resources, say)
         else:
             profile = profile or dask.config.get("wsi-lymph.cluster.profile", None)
             jobs = int(jobs or dask.config.get("wsi-lymph.cluster.jobs", None) or default_jobs)
             security = (user_security(tls_ca_file, tls_cert, tls_key) or True) if secure else False
             session = _jobqueue_client(CLUSTER_KINDS[kind], jobs=jobs, adaptive=adaptive, profile=profile,
                                        job_options=job_options, security=security,
-                                       dashboard_address=dashboard_address, tls_dir=tls_dir, say=say)
+                                       dashboard_address=dashboard_address, tls_dir=tls_dir, interface=interface,
+                                       say=say)
         with session as client:
             yield client
 
@@ -715,11 +786,16 @@ def _scheduler_client(address: str, security: Security | None, say: Callable[[st
 
 
 @contextmanager
-def _local_client(workers: int, dashboard_address: str, memory_limit: str | float,
+def _local_client(workers: int, dashboard_address: str, interface: str | None, memory_limit: str | float,
                   resources: dict[str, float] | None, say: Callable[[str], None]) -> Iterator[Client]:
-    """A client of a new local cluster: ``workers`` processes of one task thread each."""
+    """A client of a new local cluster: ``workers`` processes of one task thread each.
+
+    Scheduler and workers bind to ``interface`` (default: 127.0.0.1, LocalCluster's own default).
+    """
+    host = interface_address(interface) if interface else None  # checked before any process starts
+    dashboard_address = _dashboard_on(dashboard_address, host)
     with (LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=dashboard_address,
-                       memory_limit=memory_limit, resources=resources) as local,
+                       host=host, memory_limit=memory_limit, resources=resources) as local,
           _closing(Client(local)) as client):
         say(f"Dask dashboard: {dashboard_link(client, dashboard_address)}")
         yield client
@@ -728,11 +804,11 @@ def _local_client(workers: int, dashboard_address: str, memory_limit: str | floa
 @contextmanager
 def _jobqueue_client(scheduler: ClusterKind, *, jobs: int, adaptive: bool, profile: str | None,
                      job_options: Mapping[str, Any] | None, security: Security | bool,
-                     dashboard_address: str | None, tls_dir: str | os.PathLike | None,
+                     dashboard_address: str | None, tls_dir: str | os.PathLike | None, interface: str | None,
                      say: Callable[[str], None]) -> Iterator[Client]:
     """A client of a new PBS/Slurm cluster, once its first worker job has joined."""
     with (jobqueue_cluster(scheduler.name, profile=profile, overrides=job_options, security=security,
-                           dashboard_address=dashboard_address, tls_dir=tls_dir) as jq,
+                           dashboard_address=dashboard_address, tls_dir=tls_dir, interface=interface) as jq,
           _closing(Client(jq)) as client):
         _report_jobqueue(say, scheduler, jq, client, jobs, adaptive)
         _start_jobs(jq, scheduler, jobs, adaptive)

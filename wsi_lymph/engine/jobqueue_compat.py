@@ -13,7 +13,9 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Callable, Sequence
 from contextlib import suppress
+from typing import Any
 
 import dask
 from dask.utils import parse_timedelta
@@ -63,44 +65,96 @@ def submit_jobs(cluster: JobQueueCluster, jobs: int) -> None:
     cluster.sync(submit)
 
 
-def replace_lost_jobs(cluster: JobQueueCluster, interval_s: float) -> None:
+def replace_lost_jobs(cluster: JobQueueCluster, interval_s: float,
+                      job_status: Callable[[Sequence[str]], set[str] | None] | None = None,
+                      status_interval_s: float = 30.0) -> None:
     """Submit a new job for each one that ended while still wanted (walltime, lifetime, preemption, cancel).
 
     Gap: dask-jobqueue does not resubmit jobs that end (dask/dask-jobqueue#122, which only documents ``--lifetime``
     with ``adapt()``; #611; #691, open).  SpecCluster forgets a one-worker job whose worker left (after
     ``distributed.deploy.lost-worker-timeout``) but keeps it in its plan and resubmits only when scaled again; a job
     of several worker processes it does not forget at all.  A periodic check on the cluster's event loop does both:
-    a job none of whose workers has been connected for longer than that timeout (it must have connected once:
-    queued jobs are left alone) is dropped and the cluster scaled back to its plan.  Adaptive scaling removes jobs
-    from the plan itself; those are not replaced.  ``cluster.close()`` stops the check.
+    a job none of whose workers has been connected for longer than that timeout is dropped and the cluster scaled
+    back to its plan.  Adaptive scaling removes jobs from the plan itself; those are not replaced.
+    ``cluster.close()`` stops the check.
+
+    A job whose worker never connected (still queued, or ended before its worker started: ``qdel``/``scancel`` of a
+    queued job, a node that failed at start) gives no such sign.  Once a worker of the cluster has joined (so the job
+    script works; before that :mod:`wsi_lymph.engine.cluster` reports jobs that end without a worker), such jobs are
+    looked up every ``status_interval_s`` with ``job_status`` (ids -> the ones still queued or running, None when
+    the status tool cannot say; :meth:`wsi_lymph.engine.cluster.ClusterKind.active_jobs`), off the event loop, and
+    the ended ones replaced too.  Replacements that keep ending before their worker joins (twice the planned jobs in
+    a row) stop being made, with a warning, until a worker joins again: a broken node must not cause a storm of jobs.
     """
     # Longer than SpecCluster's own wait, so that its delayed clean-up never meets a replacement job.
     grace = parse_timedelta(dask.config.get("distributed.deploy.lost-worker-timeout")) + 2 * interval_s
     seen: set = set()
+    job_ids: dict = {}  # name -> the scheduler's job id, kept for messages after SpecCluster forgot the job
     missing_since: dict = {}
+    # replaced: jobs replaced in a row that ended before their worker joined; joined: a worker has joined at all.
+    unjoined = {"replaced": 0, "last_status": time.monotonic(), "stopped": False, "joined": False}
 
-    def check() -> None:
-        if cluster.status != Status.running:
-            return
-        connected = {str(worker["name"]) for worker in cluster.scheduler_info.get("workers", {}).values()}
-        lost = []
-        for name, spec in cluster.worker_spec.items():
-            if {f"{name}{suffix}" for suffix in spec.get("group", [""])} & connected:
-                seen.add(name)
-                missing_since.pop(name, None)
-            elif name in seen and time.monotonic() - missing_since.setdefault(name, time.monotonic()) > grace:
-                lost.append(name)
-        if not lost:
-            return
-        logger.warning("worker job(s) %s ended; submitting replacements", ", ".join(map(str, lost)))
-        for name in lost:
+    def job_id(name: Any) -> str:
+        return str(getattr(cluster.workers.get(name), "job_id", None) or job_ids.get(name) or name)
+
+    def replace(names: list, why: str) -> None:
+        logger.warning("worker job(s) %s %s; submitting replacements", ", ".join(map(job_id, names)), why)
+        for name in names:
             seen.discard(name)
+            job_ids.pop(name, None)
             missing_since.pop(name, None)
             job = cluster.workers.pop(name, None)  # SpecCluster's own bookkeeping, as its lost-worker clean-up does
             if job is not None:  # cancel it in case it still sits in the queue without workers
                 # private: SpecCluster._close() awaits its _futures, so the cancel finishes before the cluster closes
                 cluster._futures.add(asyncio.ensure_future(job.close()))
         cluster.scale(jobs=len(cluster.worker_spec))
+
+    async def ended_before_joining() -> list:
+        """Names of planned jobs without a worker so far that the status tool no longer lists as queued/running."""
+        waiting = {name: cluster.workers[name] for name in cluster.worker_spec
+                   if name not in seen and name in cluster.workers
+                   and getattr(cluster.workers[name], "job_id", None) is not None}
+        if not waiting:
+            return []
+        ids = {name: str(job.job_id) for name, job in waiting.items()}
+        active = await asyncio.get_running_loop().run_in_executor(None, job_status, list(ids.values()))
+        if active is None:  # the status tool cannot say (server unreachable): ask again next time
+            return []
+        # The plan may have changed while the tool ran (adapt(), a replacement): only jobs still planned as they were.
+        return [name for name, job in waiting.items()
+                if ids[name] not in active and cluster.workers.get(name) is job and name in cluster.worker_spec
+                and name not in seen]
+
+    async def check() -> None:
+        if cluster.status != Status.running:
+            return
+        connected = {str(worker["name"]) for worker in cluster.scheduler_info.get("workers", {}).values()}
+        lost = []
+        for name, spec in cluster.worker_spec.items():
+            if {f"{name}{suffix}" for suffix in spec.get("group", [""])} & connected:
+                if name not in seen:  # a worker joined: the job script works (again)
+                    unjoined.update(replaced=0, stopped=False, joined=True)
+                seen.add(name)
+                job_ids[name] = getattr(cluster.workers.get(name), "job_id", None) or job_ids.get(name)
+                missing_since.pop(name, None)
+            elif name in seen and time.monotonic() - missing_since.setdefault(name, time.monotonic()) > grace:
+                lost.append(name)
+        if lost:
+            replace(lost, "ended")
+        if (job_status is None or not unjoined["joined"] or unjoined["stopped"]
+                or time.monotonic() - unjoined["last_status"] < status_interval_s):
+            return
+        unjoined["last_status"] = time.monotonic()
+        ended = await ended_before_joining()
+        if not ended or cluster.status != Status.running:
+            return
+        unjoined["replaced"] += len(ended)
+        if unjoined["replaced"] > 2 * max(1, len(cluster.worker_spec)):
+            unjoined["stopped"] = True
+            logger.warning("worker jobs keep ending before their worker joins (%s); no more replacements until a "
+                           "worker joins: see the jobs' logs", ", ".join(map(job_id, ended)))
+            return
+        replace(ended, "ended before their worker joined")
 
     callback = PeriodicCallback(check, interval_s * 1000)
     cluster.periodic_callbacks[REPLACE_CALLBACK] = callback  # stopped by cluster.close()

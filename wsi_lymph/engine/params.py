@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from wsi_lymph.constants import HOTSPOT_FIELD_MM2
 from wsi_lymph.detection.hematoxylin import DEFAULT_MARGIN_UM, DEFAULT_MASK_MPP, DEFAULT_THRESHOLD_OD
 from wsi_lymph.detection.peaks import PEAK_BLOCK_PX
 from wsi_lymph.detection.stain import STAIN_NORMS
 from wsi_lymph.io.probmap_store import STORE_DTYPES
+from wsi_lymph.models.architectures import PATCHES, SUBPIXEL
+
+#: Bumped whenever a change of wsi-lymph changes the values of maps or centres (not for speed, messages or new
+#: outputs).  Maps record it; a finished slide made under another number is not taken over, so an upgrade never
+#: mixes old and new results in one output folder.  Maps from before it was recorded count as unknown.
+RESULTS_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,9 @@ class SlideResult:
     seconds: dict = field(default_factory=dict)
     blocks_resumed: int = 0  # finished before an interruption, not recomputed
     reused: bool = False  # the map was already complete in the output folder
+    # Why the input or the results look doubtful (a stain unlike H&E, an impossible density, a lattice of
+    # centres); the slide is analysed, and summary.json, batch.json and the console say so.
+    flags: list[str] = field(default_factory=list)
 
     @property
     def skipped_fraction(self) -> float:
@@ -109,7 +119,77 @@ class PeakOptions:
         Threshold on smoothed P; None = the model's own (0.7706 for the paper's).
     peak_block_px : int
         Edge of one ``peaks`` task in model-frame pixels (rounded to whole map chunks).
+    hotspot_mm2 : float
+        Area of the hotspot field, mm² (:mod:`wsi_lymph.detection.hotspot`).
+    density_bin_um : float or None
+        Bin edge of ``density.png``, µm; None = :func:`wsi_lymph.io.pictures.density_bin_um`'s choice.
     """
 
     threshold: float | None = None
     peak_block_px: int = PEAK_BLOCK_PX
+    hotspot_mm2: float = HOTSPOT_FIELD_MM2
+    density_bin_um: float | None = None
+
+
+# ------------------------------------------------------------------ what a finished slide was made with
+def map_settings(attrs: dict, shape_rc: tuple[int, int]) -> dict[str, tuple[object, str]]:
+    """The settings that decide a map's values, read from its ``wsi_lymph`` attributes.
+
+    The batch compares those of a map on disk with those of the map it is asked for
+    (both from :func:`wsi_lymph.engine.batch.map_attributes`): a finished slide is taken
+    over only when they are equal.  Settings that do not change the values are left out
+    (block and chunk sizes, batch size, device, threads: maps are identical for any of
+    them, see docs/architecture.md), and so are those a model's evaluation ignores (the
+    stride for fully convolutional models, mirroring for the sub-pixel student).
+
+    Parameters
+    ----------
+    attrs : dict
+        A map's ``wsi_lymph`` attributes.
+    shape_rc : (int, int)
+        The map's shape (model-frame pixels).
+
+    Returns
+    -------
+    dict
+        ``{option: (value compared, value as the user would write it)}``.
+    """
+    params, model = attrs["params"], attrs["model"]
+    evaluation = model.get("evaluation", PATCHES)
+    region = params.get("region_level0")
+    norm = params.get("stain_norm", "auto")
+    settings: dict[str, tuple[object, str]] = {
+        "--model": (tuple(model["sha256"]), f"--model {model['name']}"),
+        "slide": (tuple(attrs["level0_size_xy"]), "a {} x {} px slide".format(*attrs["level0_size_xy"])),
+        "--mpp": (attrs["mpp"], f"--mpp {attrs['mpp']:g}"),
+        "--region": ((tuple(attrs["origin_rc"]), tuple(shape_rc)),
+                     "--region " + ",".join(map(str, region)) if region else "the whole slide"),
+        "--stain-norm": (model.get("stain_norm", "none") if norm == "auto" else norm,
+                         f"--stain-norm {model.get('stain_norm', 'none') if norm == 'auto' else norm}"),
+        "--dtype": (params["dtype"], f"--dtype {params['dtype']}"),
+        "--no-skip": ((params["skip_hematoxylin"], params["hematoxylin_threshold_od"], params["mask_mpp"],
+                       params["margin_um"]) if params["skip_hematoxylin"] else False,
+                      "no --no-skip" if params["skip_hematoxylin"] else "--no-skip"),
+        "results version": (attrs.get("results_version"),
+                            f"wsi-lymph {attrs.get('version', '?')} (results version "
+                            f"{attrs.get('results_version', 'not recorded')})"),
+    }
+    if evaluation == PATCHES:
+        settings["--stride"] = (params["stride_px"], f"--stride {params['stride_px']}")
+    if evaluation != SUBPIXEL:
+        settings["--mirror"] = (params["mirror"], "--mirror" if params["mirror"] else "no --mirror")
+    return settings
+
+
+def settings_difference(finished: dict[str, tuple[object, str]], asked: dict[str, tuple[object, str]]
+                        ) -> tuple[str, str] | None:
+    """What differs between two :func:`map_settings`, as (finished, asked) phrases; None if nothing does."""
+    differing = [key for key in asked if finished.get(key, (None,))[0] != asked[key][0]]
+    if not differing:
+        return None
+    old = [finished[key][1] if key in finished else f"{key} unknown" for key in differing]
+    new = [asked[key][1] for key in differing]
+    if "--model" in differing and finished["--model"][1] == asked["--model"][1]:  # same name, other files
+        old[differing.index("--model")] += f" (sha256 {finished['--model'][0][0][:12]})"
+        new[differing.index("--model")] += f" (sha256 {asked['--model'][0][0][:12]})"
+    return ", ".join(old), ", ".join(new)

@@ -16,15 +16,10 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
-from skimage.draw import circle_perimeter
-
-matplotlib.use("Agg")  # files only, never a window: no display on cluster nodes
-from matplotlib import pyplot as plt  # noqa: E402
 
 from wsi_lymph.slides.frame import ModelFrame, frame_to_level0
 
@@ -43,6 +38,11 @@ def write_atomic(path: str | os.PathLike, data: bytes | Callable[[Path], None], 
         The content, or a function that writes the file it is given (e.g. an image writer).
     fsync : bool
         Flush the file to disk before the rename (logs that must survive a machine crash).
+
+    Raises
+    ------
+    OSError
+        As the system raised it (a full disk: ``ENOSPC``), naming ``path``; the old content is left whole.
     """
     path = Path(path)
     # Hidden name in the same folder: os.replace is atomic within one file system, and folder
@@ -57,6 +57,10 @@ def write_atomic(path: str | os.PathLike, data: bytes | Callable[[Path], None], 
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        if error.errno and error.filename == str(tmp):  # name the file asked for, not its hidden temporary
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -121,53 +125,6 @@ def _png_bytes(rgb: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def write_overlay_png(path: Path, thumbnail_rgb: np.ndarray, centres_xy: np.ndarray, scale: float) -> None:
-    """A thumbnail with a circle around every centre.
-
-    Parameters
-    ----------
-    thumbnail_rgb : np.ndarray
-        (rows, cols, 3) uint8 image of the analysed area.
-    centres_xy : np.ndarray
-        (n, 2) centres in the thumbnail's own pixel coordinates (x, y).
-    scale : float
-        Thumbnail pixels per level-0 pixel (sets the circle radius to ~a lymphocyte, 3.5 µm at 0.5 µm/px).
-    """
-    image = thumbnail_rgb.copy()
-    radius = max(2, round(7 * scale))
-    for x, y in np.round(centres_xy).astype(int):
-        for r in (radius, radius + 1):
-            rows, cols = circle_perimeter(y, x, r, shape=image.shape[:2])
-            image[rows, cols] = LYMPHOCYTE_COLOUR_RGB
-    write_atomic(path, _png_bytes(image))
-
-
-def write_density_png(path: Path, centres_um: np.ndarray, extent_um: tuple[float, float, float, float],
-                      bin_um: float | None = None) -> None:
-    """Lymphocytes per mm² on a grid over the analysed area, with a colour bar.
-
-    ``extent_um`` is (x0, x1, y0, y1) of the analysed area in µm; the bin edge
-    defaults to 1/40 of the longer side, at least 25 µm.
-    """
-    x0, x1, y0, y1 = extent_um
-    bin_um = bin_um or max(25.0, max(x1 - x0, y1 - y0) / 40)
-    x_edges = np.arange(x0, x1 + bin_um, bin_um)
-    y_edges = np.arange(y0, y1 + bin_um, bin_um)
-    centres_um = np.asarray(centres_um, dtype=float).reshape(-1, 2)
-    counts, _, _ = np.histogram2d(centres_um[:, 1], centres_um[:, 0], bins=(y_edges, x_edges))
-    density = counts / (bin_um / 1000.0) ** 2
-    figure, axes = plt.subplots(figsize=(6, 6 * (y1 - y0) / max(x1 - x0, 1e-9) + 0.8), dpi=100)
-    shown = axes.imshow(density, extent=(x_edges[0], x_edges[-1], y_edges[-1], y_edges[0]), cmap="magma")
-    figure.colorbar(shown, ax=axes, label="lymphocytes per mm²")
-    axes.set_xlabel("x (µm)")
-    axes.set_ylabel("y (µm)")
-    axes.set_title(f"Lymphocyte density ({bin_um:.0f} µm bins)")
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", bbox_inches="tight")
-    plt.close(figure)
-    write_atomic(path, buffer.getvalue())
 
 
 def write_tutorial_pngs(folder: Path, name: str, prob: np.ndarray) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,10 @@ from torch import nn
 
 from wsi_lymph.models.architectures import ARCHITECTURES
 from wsi_lymph.models.networks import channel_mean
+
+# torch.load warns about a pickle protocol its safe unpickler "might not support" (asking to file an issue) only for
+# files torch.save did not write: foreign or corrupt ones, which load_checkpoint refuses in one line anyway.
+warnings.filterwarnings("ignore", message=r"Detected pickle protocol \d+ in the checkpoint", category=UserWarning)
 
 CHECKPOINT_FORMAT = "wsi-lymph-checkpoint/1"
 #: Shape of a checkpoint's mean image (B, G, R planes of one 32x32 patch, 0-255 scale).
@@ -77,9 +82,13 @@ def load_checkpoint(
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError as exc:
         raise ModelError(f"{path}: checkpoint file not found") from exc
+    except IsADirectoryError as exc:
+        raise ModelError(f"{path}: is a folder, not a checkpoint file") from exc
     except Exception as exc:  # noqa: BLE001 - torch raises many types for foreign/corrupt files
+        # torch's own text is advice for its developers (set weights_only=False, file an issue): the cause stays
+        # chained for the log file, the user gets what is wrong with the file.
         raise ModelError(
-            f"{path}: not a readable wsi-lymph checkpoint ({type(exc).__name__}: {exc})"
+            f"{path}: not a wsi-lymph/torch checkpoint or corrupt (torch.load: {type(exc).__name__})"
         ) from exc
     if not isinstance(ckpt, dict) or not {"state_dict", "mean_bgr", "meta"} <= set(ckpt):
         raise ModelError(f"{path}: not a wsi-lymph checkpoint (expected keys state_dict, mean_bgr, meta)")

@@ -96,8 +96,8 @@ def resolve_source(source: str | None = None) -> str:
 def _air_gap_hint() -> str:
     return (
         f"On a machine without internet access, copy the released files ({caffemodel_filename(1)}, "
-        f"{mean_filename(1)}, ... for folds 1-5) into a folder and pass it with --source (models fetch), "
-        f"--model-source (detect, demo) or the {SOURCE_ENV} environment variable."
+        f"{mean_filename(1)}, ... for folds 1-5) into a folder and name it with --model-source (or the {SOURCE_ENV} "
+        "environment variable; `wsi-lymph models fetch janowczyk2016 --source FOLDER` caches them once)."
     )
 
 

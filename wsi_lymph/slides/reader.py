@@ -15,11 +15,13 @@ caller passes overrides it; a file without one is an error, never a default.
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import math
 import os
+import re
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import dask.array as da
@@ -35,9 +37,36 @@ from PIL import Image
 #: (72 dpi = 352.8 µm/px) written by image libraries, not scanner metadata.
 PLAUSIBLE_MPP_RANGE = (0.02, 50.0)
 
+#: Smallest analysable image or region edge, µm: 32 px at 20x (0.5 µm/px), about two lymphocyte diameters
+#: (~7 µm each).  A smaller picture cannot hold a lymphocyte together with the surroundings the networks were
+#: trained to look at (the paper's annotated crops are 50 µm on a side), so its "detections" would mean nothing.
+MIN_SIDE_UM = 16.0
+
+#: Pillow modes without colour.  One rule for every format: a greyscale picture is refused (a TIFF, a PNG or a
+#: JPEG alike), because lymphocytes are found from the haematoxylin and eosin colours (the networks were trained
+#: on them and the stain check reads them); copying one grey channel into R, G and B would feed the networks an
+#: input they were never trained on and give numbers that look like results.
+GREYSCALE_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+
+#: Suffixes taken for slides or images when a folder is scanned (OpenSlide's formats, TIFF, and the image formats
+#: Pillow reads for small crops).  DICOM is left out: a DICOM slide is a folder of many ``.dcm`` files.
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".czi",
+                  ".png", ".jpg", ".jpeg")
+
+#: Annotation files that sit beside images in the layouts wsi-lymph reads (README, "Scoring against annotations"):
+#: seed images ``<name>_seed.<ext>``, the paper's masks ``<N>m.tif``, point lists and QuPath GeoJSON.
+ANNOTATION_PATTERNS = ("*_seed.*", "<N>m.tif", "*.csv", "*.geojson")
+_PAPER_MASK = re.compile(r"\d+m\.tiff?", re.IGNORECASE)
+
 
 class SlideError(ValueError):
     """A slide cannot be opened or used; the message names the file and the problem."""
+
+
+def greyscale_message(path: str, detail: str) -> str:
+    """The one message for a greyscale picture, whatever its format (see :data:`GREYSCALE_MODES`)."""
+    return (f"{path}: greyscale image ({detail}); lymphocytes are found from the H&E colours, "
+            "so a colour (RGB) image of the H&E slide is needed")
 
 
 @dataclass(frozen=True)
@@ -155,8 +184,11 @@ def _tifffile_info(path: str) -> SlideInfo:
                 raise SlideError(f"{path}: TIFF series has axes {axes!r}, expected an image with Y and X")
             sizes.append((int(shape["X"]), int(shape["Y"])))
         samples = dict(zip(series.axes, series.shape, strict=True)).get("S", 1)
-        if samples not in (3, 4) and series.axes[-1] not in "S":
-            raise SlideError(f"{path}: TIFF series has axes {series.axes!r}; an RGB image is needed")
+        if samples in (1, 2):
+            raise SlideError(greyscale_message(path, f"TIFF, {samples} sample{'s' if samples > 1 else ''} per pixel"))
+        if samples not in (3, 4):
+            raise SlideError(f"{path}: TIFF series has axes {series.axes!r} with {samples} samples per pixel; "
+                             "an RGB image is needed")
         mpp = None
         source = "the TIFF has no resolution"
         if tif.is_ome and tif.ome_metadata:
@@ -186,6 +218,9 @@ def _pillow_info(path: str) -> SlideInfo:
     with Image.open(path) as image:
         width, height = image.size
         dpi = image.info.get("dpi")
+        mode = image.mode
+    if mode in GREYSCALE_MODES:
+        raise SlideError(greyscale_message(path, f"{Path(path).suffix.lstrip('.').upper() or 'image'} mode {mode}"))
     mpp = _plausible(25400.0 / float(dpi[0])) if dpi and dpi[0] else None
     source = "image DPI" if mpp else "the image records no µm/px"
     return SlideInfo(path, "pillow", ((width, height),), (1.0,), mpp, source, "image")
@@ -208,7 +243,8 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None) -> SlideInfo:
     Raises
     ------
     SlideError
-        The file is missing, unreadable, or no reader understands it.
+        The file is missing, unreadable, or no reader understands it; it is greyscale
+        (:data:`GREYSCALE_MODES`); with a resolution, it is smaller than :data:`MIN_SIDE_UM`.
     """
     path = os.path.abspath(path)  # keep the user's path (no symlink resolution) for messages
     if not os.path.isfile(path):
@@ -237,26 +273,124 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None) -> SlideInfo:
         raise SlideError(f"{path}: not a readable slide or image ({'; '.join(reasons)})")
     if mpp is not None:
         info = replace(info, mpp=float(mpp), mpp_source="--mpp")
+    if info.mpp is not None:
+        check_min_size(info, info.level_sizes_xy[0], "the image")
     return info
 
 
-def find_slides(paths: list[str | os.PathLike]) -> list[Path]:
-    """Expand files and folders into a sorted list of candidate slide files.
+def check_min_size(info: SlideInfo, size_xy: tuple[float, float], what: str) -> None:
+    """Refuse an image or region narrower than :data:`MIN_SIDE_UM` (``size_xy`` in level-0 pixels).
 
-    Folders are searched non-recursively; hidden files are skipped; files
-    given explicitly are kept whatever their suffix (they fail later, with a
-    reason, if they are not slides).  Inside folders, every regular file is a
-    candidate so that a non-slide in a slide folder is reported, not ignored.
+    Raises
+    ------
+    SlideError
+        Naming the file, the size in pixels and µm, and the minimum.
     """
-    found: list[Path] = []
+    width, height = size_xy
+    mpp = info.require_mpp()
+    if min(width, height) * mpp < MIN_SIDE_UM:
+        raise SlideError(
+            f"{info.path}: {what} is {width:g} x {height:g} px ({width * mpp:.3g} x {height * mpp:.3g} µm at "
+            f"{mpp:g} µm/px), too small to hold a lymphocyte with its surroundings; at least {MIN_SIDE_UM:g} µm "
+            f"({MIN_SIDE_UM / mpp:.0f} px) on each side is needed"
+        )
+
+
+@dataclass
+class SlideSearch:
+    """Files found by :func:`scan_slides`, and those a folder held that are not analysed.
+
+    Attributes
+    ----------
+    slides : list of Path
+        Files to analyse, in the order given (each folder's sorted by name).
+    skipped : dict of str to list of str
+        Names of the files left out of folders, by reason: ``"annotations"``, ``"hidden"``,
+        ``"not a slide or image"``, ``"not matching --glob"``.
+    empty : list of Path
+        Folders that gave nothing to analyse.
+    """
+
+    slides: list[Path] = field(default_factory=list)
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+    empty: list[Path] = field(default_factory=list)
+
+    def skipped_line(self, shown: int = 4) -> str | None:
+        """One line listing the skipped files by reason (None when none were skipped)."""
+        if not self.skipped:
+            return None
+        total = sum(map(len, self.skipped.values()))
+        parts = []
+        for reason in sorted(self.skipped, key=_SKIP_ORDER.index):
+            names = self.skipped[reason]
+            listed = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+            parts.append(f"{reason}: {listed}")
+        return f"skipped {total} file{'s' if total > 1 else ''} in the folders (--glob PATTERN chooses files) - " + \
+            "; ".join(parts)
+
+
+_SKIP_ORDER = ["annotations", "not a slide or image", "not matching --glob", "hidden"]
+
+
+def _folder_rule(name: str, pattern: str | None) -> str | None:
+    """Why a file of a scanned folder is not a slide (None: it is one)."""
+    if name.startswith("."):
+        return "hidden"
+    if pattern is not None:
+        # --glob chooses the files itself: the user's pattern, not the suffix lists, says what a slide is.
+        return None if fnmatch.fnmatchcase(name, pattern) else "not matching --glob"
+    lower = name.lower()
+    if fnmatch.fnmatchcase(lower, "*_seed.*") or _PAPER_MASK.fullmatch(lower) or lower.endswith((".csv", ".geojson")):
+        return "annotations"
+    if not lower.endswith(SLIDE_SUFFIXES):
+        return "not a slide or image"
+    return None
+
+
+def scan_slides(paths: list[str | os.PathLike], pattern: str | None = None) -> SlideSearch:
+    """Expand files and folders into the files to analyse, by rules a user can predict.
+
+    * A file named explicitly is always taken, whatever its name (it fails later, with a
+      reason, if it is not a slide).
+    * A folder is searched non-recursively and gives its files with a slide or image suffix
+      (:data:`SLIDE_SUFFIXES`), leaving out hidden files and the annotation files of the
+      layouts wsi-lymph reads (:data:`ANNOTATION_PATTERNS`); ``pattern`` (``--glob``, a
+      shell pattern matched case-sensitively against file names, e.g. ``"*.svs"``) replaces
+      those rules: a folder then gives its non-hidden files whose name matches.
+    * A path that does not exist is kept, so that it is reported as missing.
+
+    Parameters
+    ----------
+    paths : list of path-like
+        Files and folders, as given on the command line.
+    pattern : str, optional
+        ``--glob`` pattern for the files of folders.
+
+    Returns
+    -------
+    SlideSearch
+    """
+    search = SlideSearch()
     for entry in map(Path, paths):
-        if entry.is_dir():
-            found.extend(
-                sorted(p for p in entry.iterdir() if p.is_file() and not p.name.startswith("."))
-            )
-        else:
-            found.append(entry)
-    return found
+        if not entry.is_dir():
+            search.slides.append(entry)
+            continue
+        found = []
+        for path in sorted(p for p in entry.iterdir() if p.is_file()):
+            reason = _folder_rule(path.name, pattern)
+            if reason is None:
+                found.append(path)
+            else:
+                search.skipped.setdefault(reason, []).append(path.name)
+        search.slides.extend(found)
+        if not found:
+            search.empty.append(entry)
+    return search
+
+
+def find_slides(paths: list[str | os.PathLike], pattern: str | None = None) -> list[Path]:
+    """The files to analyse among ``paths`` (see :func:`scan_slides` for the rules)."""
+    return scan_slides(paths, pattern).slides
 
 
 # ---------------------------------------------------------------- pixel access

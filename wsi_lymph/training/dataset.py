@@ -333,6 +333,11 @@ def check_dataset(path: str | os.PathLike) -> DatasetReport:
     entries, issues, report.images = _scan(folder)
     for issue in issues:
         _file(report, issue)
+        if issue.kind == "missing_annotation":  # an image without annotation may not even be readable: say so too
+            try:
+                _read_array(issue.path, rgb=True)
+            except DatasetError as error:
+                _file(report, error)
     if report.images == 0 and not issues:
         report.missing_image.append(DatasetIssue(folder, "no images found"))
     for entry in entries:

@@ -1,0 +1,45 @@
+"""A worker plugin of the commands' clusters: known-harmless library noise off on every worker.
+
+In a module of its own so that the command line imports :mod:`distributed` only when a cluster starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import signal
+import threading
+import warnings
+from collections.abc import Iterable
+
+from distributed.diagnostics.plugin import WorkerPlugin
+
+
+class QuietLibraries(WorkerPlugin):
+    """On each worker: warnings whose message matches ``noise`` ignored, tifffile's warnings off, and (workers of a
+    local cluster, which share the driver's terminal) Ctrl-C ignored, so that the driver stops them in order.
+
+    Parameters
+    ----------
+    noise : iterable of re.Pattern
+        Messages of harmless warnings (:data:`wsi_lymph.cli.console.NOISE`).
+    ignore_interrupts : bool
+        Ignore SIGINT in the worker process.
+    """
+
+    name = "wsi-lymph-quiet-libraries"
+
+    def __init__(self, noise: Iterable[re.Pattern], *, ignore_interrupts: bool) -> None:
+        self.patterns = [pattern.pattern for pattern in noise]
+        self.ignore_interrupts = ignore_interrupts
+
+    def setup(self, worker) -> None:
+        for pattern in self.patterns:
+            warnings.filterwarnings("ignore", message=f".*{pattern}")
+        # tifffile logs metadata trouble it works around (e.g. "invalid offset") as warnings on its own logger.
+        logging.getLogger("tifffile").setLevel(logging.ERROR)
+        with contextlib.suppress(ImportError):  # its import-time SIGINT handler must not come after ours
+            import dask_jobqueue.runner  # noqa: F401
+        if self.ignore_interrupts and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
