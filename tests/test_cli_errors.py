@@ -401,6 +401,25 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes_to_identical_outputs(
             assert resumed[name] == uninterrupted[name], name
 
 
+def test_ctrl_c_landing_where_python_cannot_raise_it_still_stops_the_command(capsys):
+    # Ctrl-C while the garbage collector runs a __del__ (an asyncio future's, in a real run): Python drops the
+    # KeyboardInterrupt there with an "Exception ignored" traceback.  The command must stop anyway, silently.
+    from wsi_lymph.cli import console
+
+    class Finalised:
+        def __del__(self):
+            console._on_interrupt(signal.SIGINT, None)
+
+    steps, deadline = 0, time.monotonic() + 60
+    with console.session(), pytest.raises(KeyboardInterrupt):
+        Finalised()  # dropped at once: its __del__ raises where nothing can catch it
+        while time.monotonic() < deadline:  # ordinary lines: the interrupt, sent again, is raised in one of them
+            steps += 1
+    assert steps > 0 and time.monotonic() < deadline
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out and "Exception ignored" not in captured.err
+
+
 def test_library_noise_stays_in_the_log_file_and_other_warnings_show_once(tmp_path, capsys):
     import logging
     import warnings

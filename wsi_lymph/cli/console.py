@@ -54,6 +54,7 @@ class _State:
     debug = False
     interrupted = False  # after Ctrl-C: the libraries' shutdown chatter stays in the log file
     interrupt_told = False
+    redelivered = False  # a swallowed Ctrl-C sent again (see _unraisable)
     seen: set[str] = set()
 
 
@@ -238,6 +239,7 @@ def say(line: str) -> None:
 def session(*, debug: bool = False) -> Iterator[None]:
     """The console and the log file of one command, for the duration of a ``with`` block."""
     STATE.debug, STATE.interrupted, STATE.interrupt_told, STATE.seen = debug, False, False, set()
+    STATE.redelivered = False
     root = logging.getLogger()
     console = ConsoleHandler(logging.DEBUG)
     saved = root.level, list(root.handlers), warnings.showwarning
@@ -251,10 +253,13 @@ def session(*, debug: bool = False) -> Iterator[None]:
     adopted = adopt_library_loggers()
     main_thread = threading.current_thread() is threading.main_thread()
     saved_interrupt = signal.getsignal(signal.SIGINT) if main_thread else None
+    saved_unraisable = sys.unraisablehook
     interrupt_handler()
+    sys.unraisablehook = _unraisable
     try:
         yield
     finally:
+        sys.unraisablehook = saved_unraisable
         if main_thread:
             signal.signal(signal.SIGINT, saved_interrupt if saved_interrupt is not None else signal.SIG_DFL)
         root.setLevel(saved[0])
@@ -304,8 +309,34 @@ def interrupt_handler() -> None:
 
 
 def _on_interrupt(signum, frame) -> None:
+    if STATE.redelivered:
+        STATE.redelivered = False
+        if STATE.interrupt_told:  # the command stopped meanwhile: nothing left to interrupt
+            return
     STATE.interrupted = True  # from now on the libraries' shutdown messages go to the log file only
     raise KeyboardInterrupt
+
+
+def _unraisable(unraisable) -> None:
+    """:data:`sys.unraisablehook` of the commands: an error Python cannot raise (in a ``__del__``, a callback of
+    the garbage collector) goes to the log file, not to the console as "Exception ignored ... Traceback".
+
+    Ctrl-C can land in such a place (an asyncio future's ``__del__`` while the driver waits), where the
+    :class:`KeyboardInterrupt` would be dropped and the run go on: the signal is sent to the main thread again, to be
+    raised in an ordinary line.
+    """
+    if isinstance(unraisable.exc_value, KeyboardInterrupt) or unraisable.exc_type is KeyboardInterrupt:
+        log.debug("Ctrl-C reached %r, where it cannot be raised: delivered again", unraisable.object)
+        STATE.redelivered = True
+        # Sent from another thread, a moment later: sent from here, it would be raised inside this hook, and dropped
+        # again.  A real signal (not _thread.interrupt_main) also wakes a main thread blocked in a wait.
+        threading.Timer(0.05, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()
+        return
+    if STATE.debug:
+        sys.__unraisablehook__(unraisable)
+        return
+    log.debug("%s: %s", unraisable.err_msg or "Exception ignored in", unraisable.object,
+              exc_info=(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback))
 
 
 def tell_interrupted(command: str, *, resumable: bool = True) -> None:

@@ -452,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = bool(args.debug or os.environ.get("WSI_LYMPH_DEBUG"))
     with console.session(debug=debug):
         try:
-            return args.func(args)
+            status = args.func(args)
         except UsageError as error:
             print(f"wsi-lymph {command}: {error}", file=sys.stderr)
             return 2
@@ -465,6 +465,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         except Exception as error:  # noqa: BLE001 - the one place that turns any error into one line
             return _failed(command, error, debug)
+        if console.STATE.interrupted:  # Ctrl-C that a library swallowed: still an interrupted run for the caller
+            console.tell_interrupted(command, resumable=args.command in RESUMABLE)
+            return 130
+        return status
 
 
 def _failed(command: str, error: Exception, debug: bool) -> int:
