@@ -21,7 +21,7 @@ from wsi_lymph.detection.sanity import check_stain, implausible_results, stain_p
 from wsi_lymph.engine.batch import map_attributes, model_description, run_detect
 from wsi_lymph.engine.params import ProbmapParams, map_settings, settings_difference
 from wsi_lymph.slides.frame import choose_frame, frame_region
-from wsi_lymph.slides.reader import SlideError, open_slide, scan_slides
+from wsi_lymph.slides.reader import SlideError, open_slide, read_region, scan_slides
 
 FOLD = "janowczyk2016/fold1"
 FAST = ["--workers", "1", "--dashboard", ":0"]
@@ -145,6 +145,39 @@ def test_folder_rules_are_predictable(tmp_path):
     assert scan_slides([tmp_path], "*.ndpi").empty == [tmp_path]
     # A file named explicitly is taken whatever its name.
     assert scan_slides([tmp_path / "readme.txt"]).slides == [tmp_path / "readme.txt"]
+
+
+def test_the_jpeg_parts_of_a_vms_slide_are_not_taken_as_slides(tmp_path):
+    # A Hamamatsu .vms slide is an index naming the JPEG files beside it: the folder holds one slide, not four.
+    (tmp_path / "case7.vms").write_text("[Virtual Microscope Specimen]\nNoLayers=1\nImageFile=case7.jpg\n"
+                                        "ImageFile(1,0)=case7_x1.jpg\nMapFile=case7_map.jpg\n")
+    for name in ("case7.jpg", "case7_x1.jpg", "case7_map.jpg", "other.jpg"):
+        (tmp_path / name).write_bytes(b"")
+    search = scan_slides([tmp_path])
+    assert [p.name for p in search.slides] == ["case7.vms", "other.jpg"]
+    assert search.skipped == {"parts of a .vms slide": ["case7.jpg", "case7_map.jpg", "case7_x1.jpg"]}
+
+
+def test_transparent_pixels_read_as_white_glass_not_black_tissue(tmp_path):
+    # A crop exported with a transparent background (often stored as RGBA 0, 0, 0, 0): Pillow's convert("RGB") alone
+    # would make it black, which the stain map and the network would take for dense tissue.
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[:, 32:] = (150, 60, 160, 255)  # opaque purple on the right
+    rgba[:, 16:32] = (150, 60, 160, 128)  # half-transparent purple
+    expected = np.empty((64, 64, 3), np.uint8)
+    expected[:, :16] = 255
+    expected[:, 16:32] = np.rint(np.array([150, 60, 160]) * 128 / 255 + 255 * (1 - 128 / 255))
+    expected[:, 32:] = (150, 60, 160)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    tifffile.imwrite(tmp_path / "rgba.tif", rgba, photometric="rgb", extrasamples=["unassalpha"])
+    palette = Image.fromarray(rgba[..., :3], "RGB").quantize(colors=4)
+    palette.info["transparency"] = palette.getpixel((0, 0))  # the black of the left columns
+    palette.save(tmp_path / "palette.png", transparency=palette.getpixel((0, 0)))
+    for name in ("rgba.png", "rgba.tif"):
+        info = open_slide(tmp_path / name, mpp=0.5)
+        np.testing.assert_array_equal(read_region(info, 0, 0, 0, 64, 64), expected, err_msg=name)
+    info = open_slide(tmp_path / "palette.png", mpp=0.5)
+    assert (read_region(info, 0, 0, 0, 16, 64) == 255).all()  # the palette's transparent colour
 
 
 @pytest.mark.shared_data

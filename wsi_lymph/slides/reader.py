@@ -306,7 +306,7 @@ class SlideSearch:
         Files to analyse, in the order given (each folder's sorted by name).
     skipped : dict of str to list of str
         Names of the files left out of folders, by reason: ``"annotations"``, ``"hidden"``,
-        ``"not a slide or image"``, ``"not matching --glob"``.
+        ``"parts of a .vms slide"``, ``"not a slide or image"``, ``"not matching --glob"``.
     empty : list of Path
         Folders that gave nothing to analyse.
     """
@@ -329,7 +329,26 @@ class SlideSearch:
             "; ".join(parts)
 
 
-_SKIP_ORDER = ["annotations", "not a slide or image", "not matching --glob", "hidden"]
+_SKIP_ORDER = ["annotations", "parts of a .vms slide", "not a slide or image", "not matching --glob", "hidden"]
+
+
+def _vms_parts(files: list[Path]) -> set[str]:
+    """Names of the image files that the Hamamatsu ``.vms`` slides among ``files`` are made of.
+
+    A ``.vms`` file is a small key=value index; its ``ImageFile``, ``ImageFile(x,y)``, ``MapFile`` and
+    ``OptimisationFile`` entries name the JPEG files beside it, which are parts of that slide, not slides.
+    """
+    parts: set[str] = set()
+    for vms in (p for p in files if p.suffix.lower() == ".vms"):
+        try:
+            text = vms.read_text(errors="replace")
+        except OSError:
+            continue  # an unreadable index fails later as a slide, with its reason
+        for line in text.splitlines():
+            key, sep, value = line.partition("=")
+            if sep and key.strip().lower().startswith(("imagefile", "mapfile", "optimisationfile")):
+                parts.add(Path(value.strip()).name)
+    return parts
 
 
 def _folder_rule(name: str, pattern: str | None) -> str | None:
@@ -354,7 +373,8 @@ def scan_slides(paths: list[str | os.PathLike], pattern: str | None = None) -> S
       reason, if it is not a slide).
     * A folder is searched non-recursively and gives its files with a slide or image suffix
       (:data:`SLIDE_SUFFIXES`), leaving out hidden files and the annotation files of the
-      layouts wsi-lymph reads (:data:`ANNOTATION_PATTERNS`); ``pattern`` (``--glob``, a
+      layouts wsi-lymph reads (:data:`ANNOTATION_PATTERNS`) and the JPEG parts of Hamamatsu ``.vms`` slides
+      (the ``.vms`` itself is the slide); ``pattern`` (``--glob``, a
       shell pattern matched case-sensitively against file names, e.g. ``"*.svs"``) replaces
       those rules: a folder then gives its non-hidden files whose name matches.
     * A path that does not exist is kept, so that it is reported as missing.
@@ -376,8 +396,10 @@ def scan_slides(paths: list[str | os.PathLike], pattern: str | None = None) -> S
             search.slides.append(entry)
             continue
         found = []
-        for path in sorted(p for p in entry.iterdir() if p.is_file()):
-            reason = _folder_rule(path.name, pattern)
+        files = sorted(p for p in entry.iterdir() if p.is_file())
+        parts = _vms_parts(files)
+        for path in files:
+            reason = "parts of a .vms slide" if path.name in parts else _folder_rule(path.name, pattern)
             if reason is None:
                 found.append(path)
             else:
@@ -407,7 +429,12 @@ def _handle(path: str, reader: str):
         return [group[str(i)] for i in range(len(list(group.array_keys())))]
 
     with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
+        if image.mode == "RGB":
+            return np.asarray(image)
+        # Transparency (RGBA, LA, or a palette with a transparent colour) as white glass: convert("RGB") alone
+        # would turn transparent pixels, often stored as (0, 0, 0, 0), into black "tissue".
+        rgba = np.asarray(image.convert("RGBA"))
+        return on_white(rgba[..., :3], rgba[..., 3])
 
 
 def read_region(info: SlideInfo, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
@@ -448,8 +475,32 @@ def read_region(info: SlideInfo, level: int, x: int, y: int, width: int, height:
         array = np.asarray(handle[level][y : y + height, x : x + width])
         if array.ndim == 2:
             array = np.repeat(array[..., None], 3, axis=2)
-        return _to_uint8_rgb(array[..., :3], info.path)
+        array = _to_uint8_rgb(array, info.path)
+        if array.shape[-1] == 4:  # RGB + alpha: transparent areas are glass, as OpenSlide's are
+            return on_white(array[..., :3], array[..., 3])
+        return array[..., :3]
     return handle[y : y + height, x : x + width]
+
+
+def on_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Composite RGB with its (unassociated) alpha onto white.
+
+    Parameters
+    ----------
+    rgb : np.ndarray
+        (rows, cols, 3) uint8.
+    alpha : np.ndarray
+        (rows, cols) uint8 opacity, 0 transparent to 255 opaque.
+
+    Returns
+    -------
+    np.ndarray
+        (rows, cols, 3) uint8: ``rgb`` where opaque, white where transparent, blended between.
+    """
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    opacity = alpha[..., None].astype(np.float32) / 255.0
+    return np.rint(rgb * opacity + 255.0 * (1.0 - opacity)).astype(np.uint8)
 
 
 def _to_uint8_rgb(array: np.ndarray, path: str) -> np.ndarray:
