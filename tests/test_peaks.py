@@ -158,16 +158,36 @@ def test_only_blocks_near_nonzero_boxes_are_computed_and_the_result_is_unchanged
     assert len(find_centres(client, wrong, peak_block_px=32)[0]) < len(expected)
 
 
+@pytest.mark.parametrize("density", [0.002, 0.1])  # sparse: stamped disks; dense: the distance transform
 @pytest.mark.parametrize("radius", [1, 5, 28, 29])
-def test_disk_dilation_by_distance_transform_equals_the_structuring_element(radius):
+def test_disk_dilation_equals_the_structuring_element(radius, density):
     from scipy import ndimage
 
     from wsi_lymph.detection.peaks import dilate_by_disk
 
     rng = np.random.default_rng(radius)
-    mask = rng.random((160, 170)) > 0.998
+    mask = rng.random((160, 170)) < density
     mask[0, 0] = mask[-1, 5] = True  # at the edges too
     offsets = np.arange(-radius, radius + 1)
     disk = offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius * radius
     np.testing.assert_array_equal(dilate_by_disk(mask, radius), ndimage.binary_dilation(mask, structure=disk))
     assert not dilate_by_disk(np.zeros((5, 5), dtype=bool), radius).any()
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_smoothing_at_chosen_pixels_is_bit_identical_to_the_whole_convolution(dtype):
+    # Peak blocks smooth only where P can pass the threshold; centres equal the global pass only if those
+    # values are the convolution's to the last bit (ties and the threshold compare them exactly).
+    from scipy import ndimage
+
+    from wsi_lymph.detection.peaks import smooth_probability_at
+
+    rng = np.random.default_rng(7)
+    prob = ndimage.gaussian_filter(rng.random((90, 110)), 1.5).astype(dtype)
+    prob[40:50, 40:50] = dtype(0.9)  # a flat plateau: equal terms, where summation order shows first
+    whole = smooth_probability(prob)
+    half = 6
+    rows, cols = np.nonzero(np.ones((90 - 2 * half, 110 - 2 * half), dtype=bool))
+    at = smooth_probability_at(prob, rows + half, cols + half)
+    assert at.dtype == np.float64
+    np.testing.assert_array_equal(at, whole[rows + half, cols + half])
