@@ -18,7 +18,7 @@ from conftest import CROPS, DATA, SLIDES
 from PIL import Image
 
 from wsi_lymph.detection.sanity import check_stain, implausible_results, stain_profile
-from wsi_lymph.engine.batch import map_attributes, model_description, run_detect
+from wsi_lymph.engine.batch import map_attributes, model_description, run_detect, run_probmaps
 from wsi_lymph.engine.params import ProbmapParams, map_settings, settings_difference
 from wsi_lymph.slides.frame import choose_frame, frame_region
 from wsi_lymph.slides.reader import SlideError, open_slide, read_region, scan_slides
@@ -90,6 +90,17 @@ def test_changed_settings_are_refused_and_a_new_threshold_reuses_the_map(client,
 
 
 @pytest.mark.shared_data
+@pytest.mark.shared_data
+def test_the_library_refuses_a_region_reaching_beyond_the_slide_as_the_cli_does(client, tmp_path):
+    # Clipping would analyse less than asked while the outputs describe the request (cli/checks.py).
+    params = ProbmapParams(region_level0=(2000, 2900, 300, 10), torch_threads=1)
+    [result] = run_probmaps(client, [SLIDES / "cmu-1-small-region.svs"], tmp_path, params=params, progress=False,
+                            log=lambda _: None)
+    assert result.status == "failed", result
+    assert "region 2000,2900,300,10" in result.reason and "reaches beyond the slide (2220 x 2967" in result.reason
+    assert not list(tmp_path.rglob("prob.zarr"))
+
+
 def test_every_setting_that_changes_a_map_is_named(model_cache):
     """The comparison behind the refusals: each map-changing option is named as the user writes it."""
     model = model_description(FOLD)

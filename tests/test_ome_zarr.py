@@ -18,8 +18,8 @@ from ome_zarr_models.v04.image import Image
 
 from wsi_lymph.engine.batch import run_detect
 from wsi_lymph.engine.params import ProbmapParams
-from wsi_lymph.io.ome_zarr import PYRAMID_NAME, THUMBNAIL_PX, build_pyramid
-from wsi_lymph.io.probmap_store import create_partial_store, write_block
+from wsi_lymph.io.ome_zarr import PYRAMID_NAME, THUMBNAIL_PX, build_pyramid, plan_pyramid, pyramid_graph
+from wsi_lymph.io.probmap_store import computed_blocks_attr, create_partial_store, write_block
 from wsi_lymph.slides.frame import ModelFrame, frame_to_level0
 
 SLIDE = SLIDES / "cmu-1-small-region.svs"
@@ -100,6 +100,40 @@ def test_pyramid_levels_are_exact_means_with_ngff_metadata_that_validates(tmp_pa
     group.attrs["multiscales"] = multiscales
     with pytest.raises(pydantic.ValidationError):
         Image.from_zarr(zarr.open_group(str(broken), mode="r"))
+
+
+def test_glass_and_skipped_blocks_get_no_pyramid_tasks_and_the_levels_are_unchanged(tmp_path):
+    # A whole-slide map of which only 2 of 5 x 4 blocks were classified (the rest glass or without hematoxylin,
+    # P = 0): the pyramid's tasks cover those blocks only, and reads the same as one computed everywhere.
+    frame = ModelFrame(level=0, frame_scale=4.0, shape_rc=(5 * 2048, 4 * 2048), mpp=0.125, level0_per_frame_px=0.25,
+                       level_shape_rc=(5 * 512, 4 * 512))
+    boxes = [(r, r + 2048, c, c + 2048) for r in range(0, 5 * 2048, 2048) for c in range(0, 4 * 2048, 2048)]
+    keep = np.zeros(len(boxes), dtype=bool)
+    keep[[5, 14]] = True
+    folders = {}
+    for name, attrs_extra in (("restricted", {"computed_blocks": computed_blocks_attr(boxes, keep, (0, 0), 2048)}),
+                              ("everywhere", {})):
+        folder = tmp_path / name
+        folder.mkdir()
+        attrs = {"wsi_lymph": {"value_scale": 1 / 255, "mpp": 0.5, "frame": frame.attrs(), "origin_rc": [0, 0],
+                               **attrs_extra}}
+        create_partial_store(folder / "prob.zarr", boxes, (0, 0), 512, "uint8", attrs)
+        for k in np.flatnonzero(keep):
+            write_block(folder / "prob.zarr", boxes[k], (0, 0),
+                        np.random.default_rng(int(k)).random((2048, 2048)), "uint8")
+        folders[name] = folder
+    graphs = {name: pyramid_graph(folder / "prob.zarr", folder / "p.ome.zarr",
+                                  plan_pyramid(dict(zarr.open_array(str(folder / "prob.zarr")).attrs)["wsi_lymph"],
+                                               (5 * 2048, 4 * 2048)), "t")
+              for name, folder in folders.items()}
+    level0_tasks = {name: sum(1 for key in graph.dask if isinstance(key, tuple) and key[0] == "pyramid-t-sum0")
+                    for name, graph in graphs.items()}
+    assert level0_tasks == {"restricted": 2, "everywhere": 20}  # one 512-px level-0 chunk per 2,048-px block
+    levels = {name: _read_ngff(build_pyramid(folder / "prob.zarr", folder, name))[0]
+              for name, folder in folders.items()}
+    assert all(level.any() for level in levels["restricted"])
+    for restricted, everywhere in zip(levels["restricted"], levels["everywhere"], strict=True):
+        np.testing.assert_array_equal(restricted, everywhere)
 
 
 @pytest.fixture(scope="module")

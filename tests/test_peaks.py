@@ -191,3 +191,28 @@ def test_smoothing_at_chosen_pixels_is_bit_identical_to_the_whole_convolution(dt
     at = smooth_probability_at(prob, rows + half, cols + half)
     assert at.dtype == np.float64
     np.testing.assert_array_equal(at, whole[rows + half, cols + half])
+
+
+@pytest.mark.parametrize("radius", [1, 5, 15])
+def test_disk_dilation_of_solid_blobs_stamped_from_their_edges_equals_the_structuring_element(radius):
+    # Candidates come in solid blobs (a lymphocyte's pixels above the threshold): only their edge pixels are
+    # stamped, which must still give the whole dilation, holes and thin parts included.
+    from scipy import ndimage
+
+    from wsi_lymph.detection.peaks import dilate_by_disk
+
+    rng = np.random.default_rng(radius)
+    rows, cols = np.mgrid[:600, :620]
+    mask = np.zeros((600, 620), dtype=bool)
+    for r, c, size in zip(rng.integers(0, 600, 12), rng.integers(0, 620, 12), rng.integers(2, 14, 12), strict=True):
+        mask |= (rows - r) ** 2 + (cols - c) ** 2 <= size**2
+    mask[100:140, 50:90] = True
+    mask[110:130, 60:80] = False  # a hole
+    mask[200, 10:200] = True  # a one-pixel line
+    mask[0, :5] = mask[-1, -3:] = True  # on the edges of the array
+    offsets = np.arange(-radius, radius + 1)
+    disk = offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius * radius
+    framed = np.pad(mask, 1)
+    edge = mask & ~(framed[:-2, 1:-1] & framed[2:, 1:-1] & framed[1:-1, :-2] & framed[1:-1, 2:])
+    assert edge.sum() * disk.sum() <= 4 * mask.size  # the stamping path, not the distance transform
+    np.testing.assert_array_equal(dilate_by_disk(mask, radius), ndimage.binary_dilation(mask, structure=disk))

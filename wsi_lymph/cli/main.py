@@ -92,12 +92,12 @@ def _run_batch(args: argparse.Namespace, command: str) -> int:
 
     try:
         # Before any cluster starts: a missing or broken model is a one-line error, not a traceback.
-        loaded = load_model(args.model, source=args.model_source)
+        load_model(args.model, source=args.model_source)
     except ModelError as error:
         print(f"wsi-lymph {command}: {error}", file=sys.stderr)
         return 1
     workers = args.workers or default_workers()
-    params = _probmap_params(args, workers, fully_convolutional=_fully_convolutional(loaded))
+    params = _probmap_params(args, workers)
     options = dict(model=args.model, mpp=args.mpp, params=params, model_source=args.model_source, force=args.force,
                    check_stain=not args.no_stain_check, log=_say)
     report_error = ""
@@ -148,16 +148,15 @@ def _fully_convolutional(loaded) -> bool:
     return architecture_of(loaded.members[0][0]).evaluation != PATCHES
 
 
-def _probmap_params(args: argparse.Namespace, workers: int, *, fully_convolutional: bool = False):
+def _probmap_params(args: argparse.Namespace, workers: int):
     from wsi_lymph.engine.cluster import torch_threads_per_worker
     from wsi_lymph.engine.params import ProbmapParams
 
-    default_block = max(args.chunk, FAST_BLOCK_PX // args.chunk * args.chunk) if fully_convolutional else args.chunk
     return ProbmapParams(
         stride_px=args.stride,
         mirror=args.mirror,
         chunk_px=args.chunk,
-        block_px=args.block or default_block,
+        block_px=args.block,  # None: the model's default (engine/params.py, default_block_px)
         stain_norm=args.stain_norm,
         dtype=args.dtype,
         batch_size=args.batch_size,
@@ -191,7 +190,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with console.cluster("demo", log_dir=args.out, **cluster_kwargs(args) | {"workers": workers}) as client:
         [result] = run_detect(
             client, [slide], args.out, model=args.model,
-            params=_probmap_params(args, workers, fully_convolutional=fast),
+            params=_probmap_params(args, workers),
             model_source=args.model_source, force=args.force, log=_say,
         )
     if result.status != "done":

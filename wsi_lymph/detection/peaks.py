@@ -281,13 +281,18 @@ def dilate_by_disk(mask: np.ndarray, radius_px: int) -> np.ndarray:
 
     The same set as ``ndimage.binary_dilation(mask, structure=disk)``, computed the cheaper of two
     exact ways (``bench/peak_dilation.py``): a sparse mask (a peak block holds a few thousand candidate
-    pixels among millions) by stamping the disk's offsets around each set pixel, in proportion to set
-    pixels x disk area; a dense one by the Euclidean distance transform, linear in the pixels
-    (distances to integer offsets are square roots of integers, exact at the boundary).
+    pixels among millions) by stamping the disk's offsets around each edge pixel of the mask, in
+    proportion to edge pixels x disk area; a dense one by the Euclidean distance transform, linear in
+    the pixels (distances to integer offsets are square roots of integers, exact at the boundary).
     """
-    rows, cols = np.nonzero(mask)
-    if rows.size == 0:
+    if not mask.any():
         return np.zeros_like(mask, dtype=bool)
+    # Disks around the mask's edge pixels (set, with a 4-neighbour unset) cover all the dilation outside the mask:
+    # a lattice path from any set pixel to a pixel within the radius, one step at a time towards it, leaves the
+    # mask through an edge pixel that is no farther away.  Interior pixels need no stamp.
+    framed = np.pad(mask, 1)
+    interior = (framed[:-2, 1:-1] & framed[2:, 1:-1] & framed[1:-1, :-2] & framed[1:-1, 2:]) & mask
+    rows, cols = np.nonzero(mask & ~interior)
     offsets = np.arange(-radius_px, radius_px + 1)
     disk_r, disk_c = np.nonzero(offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius_px**2)
     if rows.size * disk_r.size > 4 * mask.size:  # a stamped pixel costs ~1/10 of a transformed one
@@ -299,7 +304,7 @@ def dilate_by_disk(mask: np.ndarray, radius_px: int) -> np.ndarray:
     centres = (rows + radius_px) * width + (cols + radius_px)
     for start in range(0, centres.size, 4096):  # bounds the index array to 4,096 x disk area
         canvas[(centres[start:start + 4096, None] + stamp[None, :]).ravel()] = True
-    return canvas.reshape(height, width)[radius_px:-radius_px, radius_px:-radius_px].copy()
+    return canvas.reshape(height, width)[radius_px:-radius_px, radius_px:-radius_px] | mask
 
 
 def summarise_peak_block(
@@ -325,9 +330,10 @@ def summarise_peak_block(
     Returns
     -------
     dict
-        ``rows``, ``cols`` (map pixels), ``values`` (smoothed P) and ``labels`` of the core's
-        candidates; ``count`` labels; the labels along the core's ``top``, ``bottom``, ``left``
-        and ``right`` edges.
+        ``centres`` ((n, 2) map pixels (row, col)) and ``scores`` of the components that lie wholly inside
+        the core, solved here; ``rows``, ``cols`` (map pixels), ``values`` (smoothed P) and ``labels`` of the
+        candidates of the components that reach the core's border, left to the join across blocks;
+        ``count`` labels; the labels along the core's ``top``, ``bottom``, ``left`` and ``right`` edges.
     """
     kernel = disk_kernel(smooth_radius_px)
     smooth_half = kernel.shape[0] // 2
@@ -345,7 +351,7 @@ def summarise_peak_block(
     above = (padded > threshold - 1e-6).view(np.uint8)
     near_above = ndimage.maximum_filter(above, size=kernel.shape[0], mode="nearest")[inner]
     rows, cols = np.nonzero(near_above)
-    if rows.size > near_above.size // 2:  # a low threshold: smoothing everything is cheaper, and the same
+    if rows.size > near_above.size // 8:  # dense: smoothing everything is cheaper (measured), and the same
         values = smooth_probability(padded, smooth_radius_px)[inner][rows, cols]
     else:
         values = smooth_probability_at(padded, rows + smooth_half, cols + smooth_half, smooth_radius_px)
@@ -358,18 +364,30 @@ def summarise_peak_block(
     # The core's candidates, in row-major order like np.nonzero.
     in_core = (rows >= reach) & (rows < reach + r1 - r0) & (cols >= reach) & (cols < reach + c1 - c0)
     rows, cols, values = rows[in_core] - reach, cols[in_core] - reach, values[in_core]
+    owner = labels[rows, cols]
+    # A component whose label is on none of the core's edges lies wholly inside it (a connected set that left the
+    # core would cross an edge): it is a whole component of the map, solved here as the join would solve it.
+    # Most are; the driver then only receives the candidates of components that reach the border.
+    edges = {"top": labels[0].copy(), "bottom": labels[-1].copy(), "left": labels[:, 0].copy(),
+             "right": labels[:, -1].copy()}
+    on_border = np.zeros(count + 1, dtype=bool)
+    on_border[np.concatenate(list(edges.values()))] = True
+    inside = ~on_border[owner]
+    centres, scores = _greedy_per_component(rows[inside] + r0, cols[inside] + c0, values[inside], owner[inside],
+                                            threshold, clear_radius_px)
+    reaching = ~inside
     return {
-        "rows": rows + r0, "cols": cols + c0, "values": values,
-        "labels": labels[rows, cols], "count": count,
-        "top": labels[0].copy(), "bottom": labels[-1].copy(),
-        "left": labels[:, 0].copy(), "right": labels[:, -1].copy(),
+        "centres": centres, "scores": scores,
+        "rows": rows[reaching] + r0, "cols": cols[reaching] + c0, "values": values[reaching],
+        "labels": owner[reaching], "count": count, **edges,
     }
 
 
 def centres_from_summaries(
     graph: PeakGraph, summaries: dict[tuple[int, int], dict], threshold: float, clear_radius_px: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Join the block summaries into components and solve each exactly with :func:`greedy_peaks`.
+    """Join the block summaries' border components and solve each exactly with :func:`greedy_peaks`; add the
+    components the blocks solved themselves.
 
     Parameters
     ----------
@@ -398,19 +416,36 @@ def centres_from_summaries(
     cols = np.concatenate([b["cols"] for b in ordered])
     values = np.concatenate([b["values"] for b in ordered])
     owner = np.concatenate([component[i][b["labels"]] for i, b in enumerate(ordered)])
-    centres, scores = _greedy_per_component(rows, cols, values, owner, threshold, clear_radius_px)
+    joined, joined_scores = _greedy_per_component(rows, cols, values, owner, threshold, clear_radius_px)
+    centres = np.concatenate([joined, *(b["centres"] for b in ordered)])
+    scores = np.concatenate([joined_scores, *(b["scores"] for b in ordered)])
     order = np.lexsort((centres[:, 1], centres[:, 0]))
     return centres[order], scores[order]
 
 
 def _greedy_per_component(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, owner: np.ndarray,
                           threshold: float, clear_radius_px: float) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`greedy_peaks` on each component's candidates alone; returns (n, 2) centres and (n,) values."""
-    centres, scores = [], []
-    order = np.argsort(owner, kind="stable")
-    for members in np.split(order, np.flatnonzero(np.diff(owner[order])) + 1):
-        if len(members) == 0:
-            continue
+    """:func:`greedy_peaks` on each component's candidates alone; returns (n, 2) centres and (n,) values.
+
+    Most components are one lymphocyte: candidates all within the clearing radius of each other (their bounding
+    box's diagonal is at most the radius), of which the greedy takes the highest (ties row-major) and clears the
+    rest.  Those are answered at once for all such components; the others run the greedy.
+    """
+    if rows.size == 0:
+        return np.zeros((0, 2), dtype=np.int64), np.zeros(0)
+    # Sorted by component, then as the greedy takes them: highest value first, ties row-major.
+    order = np.lexsort((cols, rows, -values, owner))
+    starts = np.flatnonzero(np.r_[True, np.diff(owner[order]) != 0])
+    sorted_rows, sorted_cols = rows[order], cols[order]
+    height = np.maximum.reduceat(sorted_rows, starts) - np.minimum.reduceat(sorted_rows, starts)
+    width = np.maximum.reduceat(sorted_cols, starts) - np.minimum.reduceat(sorted_cols, starts)
+    single = height.astype(np.float64) ** 2 + width.astype(np.float64) ** 2 <= clear_radius_px**2
+    first = order[starts[single]]
+    centres = [np.stack([rows[first], cols[first]], axis=-1).astype(np.int64)]
+    scores = [values[first]]
+    ends = np.r_[starts[1:], order.size]
+    for start, end in zip(starts[~single], ends[~single], strict=True):
+        members = order[start:end]
         r, c = rows[members], cols[members]
         top, left = r.min(), c.min()
         # The component alone on its bounding box; everything else stays below the threshold.
@@ -419,8 +454,6 @@ def _greedy_per_component(rows: np.ndarray, cols: np.ndarray, values: np.ndarray
         found = greedy_peaks(local, threshold, clear_radius_px)
         centres.append(found + [top, left])
         scores.append(local[found[:, 0], found[:, 1]])
-    if not centres:
-        return np.zeros((0, 2), dtype=np.int64), np.zeros(0)
     return np.concatenate(centres), np.concatenate(scores)
 
 
@@ -447,6 +480,7 @@ def _empty_summary(height: int, width: int) -> dict:
     """Summary of a block without candidates or dilated mask."""
     none = np.zeros(0, dtype=np.int64)
     return {
+        "centres": np.zeros((0, 2), dtype=np.int64), "scores": np.zeros(0),
         "rows": none, "cols": none, "values": np.zeros(0), "labels": none, "count": 0,
         "top": np.zeros(width, np.int32), "bottom": np.zeros(width, np.int32),
         "left": np.zeros(height, np.int32), "right": np.zeros(height, np.int32),

@@ -177,6 +177,12 @@ def _plan_slide(result: SlideResult, out_dir: Path, mpp: float | None, model_inf
     """Open a slide, bring it to the model frame and tile its analysed region into inference blocks."""
     info = open_slide(result.path, mpp=mpp)
     frame = choose_frame(info, model_info["model_mpp"], model_info["source_scan_mpp"])
+    if params.region_level0 is not None:
+        x, y, width, height = params.region_level0
+        slide_width, slide_height = info.level_sizes_xy[0]
+        if x + width > slide_width or y + height > slide_height:  # refused, not clipped (cli/checks.py says why)
+            raise SlideError(f"{info.path}: region {x},{y},{width},{height} (level-0 x, y, width, height) reaches "
+                             f"beyond the slide ({slide_width} x {slide_height} level-0 px)")
     box = frame_region(frame, params.region_level0)
     r0, r1, c0, c1 = box
     boxes = [(a + r0, b + r0, c + c0, d + c0) for a, b, c, d in block_boxes((r1 - r0, c1 - c0), params.block_px)]
@@ -913,7 +919,10 @@ def run_batch(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    batch = _Batch(client, out_dir, model, mpp, params or ProbmapParams(), peaks, model_source, force, progress, log,
+    params = params or ProbmapParams()
+    if params.block_px is None:
+        params = params.for_model(architecture_of(load_model(model, source=model_source).members[0][0]).evaluation)
+    batch = _Batch(client, out_dir, model, mpp, params, peaks, model_source, force, progress, log,
                    max_slides, max_blocks)
     batch.check_stain = check_stain
     batch.keep_map = keep_map

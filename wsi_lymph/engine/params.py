@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from wsi_lymph.constants import HOTSPOT_FIELD_MM2
+from wsi_lymph.constants import FAST_BLOCK_PX, HOTSPOT_FIELD_MM2
 from wsi_lymph.detection.hematoxylin import DEFAULT_MARGIN_UM, DEFAULT_MASK_MPP, DEFAULT_THRESHOLD_OD
 from wsi_lymph.detection.peaks import PEAK_BLOCK_PX
 from wsi_lymph.detection.stain import STAIN_NORMS
@@ -30,8 +30,9 @@ class ProbmapParams:
         Average each patch with its horizontal mirror (the original's oversampling).
     chunk_px : int
         Zarr chunk edge in model-frame pixels.
-    block_px : int
-        Edge of one inference task in model-frame pixels; a multiple of ``chunk_px``.
+    block_px : int or None
+        Edge of one inference task in model-frame pixels; a multiple of ``chunk_px``.  None: the model's
+        default (:func:`default_block_px`), chosen when the batch starts.
     dtype : str
         ``"float16"`` (default), ``"float32"`` or ``"uint8"`` (P x 255, rounded).
     batch_size : int
@@ -56,7 +57,7 @@ class ProbmapParams:
     stride_px: int = 1
     mirror: bool = False
     chunk_px: int = 512
-    block_px: int = 512
+    block_px: int | None = None
     dtype: str = "float16"
     batch_size: int = 512
     skip_hematoxylin: bool = True
@@ -71,16 +72,35 @@ class ProbmapParams:
     def __post_init__(self) -> None:
         if self.stride_px < 1:
             raise ValueError(f"stride must be >= 1 model-frame pixel, got {self.stride_px}")
-        if self.chunk_px < 1 or self.block_px % self.chunk_px:
+        if self.chunk_px < 1 or (self.block_px is not None and (self.block_px < 1 or self.block_px % self.chunk_px)):
             raise ValueError(f"block_px ({self.block_px}) must be a positive multiple of chunk_px ({self.chunk_px})")
         if self.dtype not in STORE_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(STORE_DTYPES)}, got {self.dtype!r}")
         if self.stain_norm not in ("auto", *STAIN_NORMS):
             raise ValueError(f"stain_norm must be one of {('auto', *STAIN_NORMS)}, got {self.stain_norm!r}")
 
+    def for_model(self, evaluation: str) -> ProbmapParams:
+        """These settings with ``block_px`` chosen for a model evaluated the ``evaluation`` way if it is None."""
+        if self.block_px is not None:
+            return self
+        return replace(self, block_px=default_block_px(evaluation, self.chunk_px))
+
     def stain_norm_for(self, model: dict) -> str:
         """The normalisation actually applied with ``model`` (:func:`~wsi_lymph.engine.batch.model_description`)."""
         return model["stain_norm"] if self.stain_norm == "auto" else self.stain_norm
+
+
+def default_block_px(evaluation: str, chunk_px: int) -> int:
+    """Edge of one inference task (model-frame px) when none is asked for.
+
+    One chunk for the paper's patch networks (a 512² px block is already ~10 s of work for them), and about
+    :data:`~wsi_lymph.constants.FAST_BLOCK_PX`, in whole chunks, for fully convolutional models, ~2,000x cheaper
+    per pixel: smaller blocks leave the scheduler's per-task cost a large share of the work (BENCHMARKS.md, task
+    granularity).
+    """
+    if evaluation == PATCHES:
+        return chunk_px
+    return max(chunk_px, FAST_BLOCK_PX // chunk_px * chunk_px)
 
 
 @dataclass

@@ -44,7 +44,7 @@ import zarr
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
-from wsi_lymph.io.probmap_store import replace_dir
+from wsi_lymph.io.probmap_store import computed_boxes, replace_dir
 
 PYRAMID_NAME = "prob.ome.zarr"
 WORKING_MAP_NAME = "prob.zarr"
@@ -70,12 +70,15 @@ class PyramidPlan:
         Where the working map lies in the model frame, and its shape.
     factors : tuple of int
         Model-frame pixels per pyramid pixel along each axis, per level (finest first).
+    nonzero_boxes : tuple of (r0, r1, c0, c1), optional
+        Map-pixel boxes outside which P is 0 (the blocks that were classified); None: anywhere.
     """
 
     frame_shape_rc: tuple[int, int]
     map_origin_rc: tuple[int, int]
     map_shape_rc: tuple[int, int]
     factors: tuple[int, ...]
+    nonzero_boxes: tuple[tuple[int, int, int, int], ...] | None = None
 
     @property
     def shapes_rc(self) -> tuple[tuple[int, int], ...]:
@@ -87,6 +90,21 @@ class PyramidPlan:
         lo = (start + np.arange(size)) * factor
         first, last = self.map_origin_rc[axis], self.map_origin_rc[axis] + self.map_shape_rc[axis]
         return np.clip(np.minimum(lo + factor, last) - np.maximum(lo, first), 0, factor)
+
+    def level0_chunks_with_signal(self, grid: tuple[int, int]) -> np.ndarray:
+        """Bool grid of level 0's chunks: True where a classified block lies under the chunk (elsewhere P is 0,
+        the arrays' fill value, so the chunk needs no task: glass and skipped blocks cost nothing)."""
+        if self.nonzero_boxes is None:
+            return np.ones(grid, dtype=bool)
+        span = PYRAMID_CHUNK_PX * self.factors[0]  # model-frame px per chunk
+        origin_r, origin_c = self.map_origin_rc
+        needed = np.zeros(grid, dtype=bool)
+        for r0, r1, c0, c1 in self.nonzero_boxes:
+            r1, c1 = min(r1, self.map_shape_rc[0]), min(c1, self.map_shape_rc[1])
+            if r1 > r0 and c1 > c0:
+                needed[(origin_r + r0) // span: (origin_r + r1 - 1) // span + 1,
+                       (origin_c + c0) // span: (origin_c + c1 - 1) // span + 1] = True
+        return needed
 
 
 def plan_pyramid(map_attrs: dict, map_shape_rc: tuple[int, int], thumbnail_px: int = THUMBNAIL_PX) -> PyramidPlan:
@@ -106,8 +124,10 @@ def plan_pyramid(map_attrs: dict, map_shape_rc: tuple[int, int], thumbnail_px: i
     factors = [factor]
     while max(math.ceil(n / factors[-1]) for n in frame["shape_rc"]) > thumbnail_px:
         factors.append(2 * factors[-1])
+    boxes = computed_boxes(map_attrs)
     return PyramidPlan(tuple(int(n) for n in frame["shape_rc"]), tuple(int(n) for n in map_attrs["origin_rc"]),
-                       tuple(int(n) for n in map_shape_rc), tuple(factors))
+                       tuple(int(n) for n in map_shape_rc), tuple(factors),
+                       None if boxes is None else tuple(tuple(int(v) for v in box) for box in boxes))
 
 
 def level_transform(map_attrs: dict, factor: int) -> tuple[list[float], list[float]]:
@@ -230,12 +250,12 @@ def _write_means(sums: np.ndarray, level_path: str, plan: PyramidPlan, level: in
 def pyramid_graph(map_path: str | os.PathLike, pyramid_path: str | os.PathLike, plan: PyramidPlan, token: str):
     """The Dask graph that fills a pyramid created by :func:`create_pyramid`: one Delayed, key ``pyramid-<token>``.
 
-    Only the chunks with map pixels under them get tasks (the rest of the slide stays at the fill value 0 and is
-    not stored).  Level 0's tasks read their own part of the map (``factor * 512`` pixels square) and sum it over
-    cells; each further level's tasks sum 2 x 2 cells of the (up to) 2 x 2 chunks of the one before, so the map is
-    read once and no task holds more than 2 x 2 chunks.  Sums, not means, go down the levels, so a pixel at the
-    map's edge is the mean over the map pixels under it.  Every task is named ``pyramid-<token>-...``, as the
-    dashboard shows it.
+    Only the chunks with classified map pixels under them get tasks (the rest of the slide, glass and skipped
+    blocks included, stays at the fill value 0 and is not stored).  Level 0's tasks read their own part of the map
+    (``factor * 512`` pixels square) and sum it over cells; each further level's tasks sum 2 x 2 cells of the (up
+    to) 2 x 2 chunks of the one before, so the map is read once and no task holds more than 2 x 2 chunks.  Sums,
+    not means, go down the levels, so a pixel at the map's edge is the mean over the map pixels under it.  Every
+    task is named ``pyramid-<token>-...``, as the dashboard shows it.
     """
     map_path, pyramid_path = str(map_path), str(pyramid_path)
     chunk = PYRAMID_CHUNK_PX
@@ -249,7 +269,8 @@ def pyramid_graph(map_path: str | os.PathLike, pyramid_path: str | os.PathLike, 
             under = [[i for i in range(grid[axis])
                       if plan.covered(axis, plan.factors[0], i * chunk, _chunk_shape(shape, (i, i))[axis]).any()]
                      for axis in (0, 1)]
-            chunks = [(i, j) for i in under[0] for j in under[1]]
+            signal = plan.level0_chunks_with_signal(grid)
+            chunks = [(i, j) for i in under[0] for j in under[1] if signal[i, j]]
         else:  # the parents of those of the level before
             chunks = sorted({(i // 2, j // 2) for i, j in finer})
         for index in chunks:

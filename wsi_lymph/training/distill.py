@@ -352,12 +352,16 @@ STAIN_SHIFTS = (0.0, 0.1, 0.2, 0.3, 0.4)
 
 
 def crop_detections(members: list, crops: list[AnnotatedImage], reference: LabStatistics | None, *,
-                    device: str = "cpu", threshold: float = 0.3) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Centres (x, y) and scores on each crop, normalised to ``reference`` first (None: as they are)."""
+                    device: str = "cpu", threshold: float = 0.3,
+                    stride_px: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Centres (x, y) and scores on each crop, normalised to ``reference`` first (None: as they are).
+
+    ``stride_px`` is the model-frame stride of patch models (the student ignores it: it maps every pixel)."""
     detections = []
     for crop in crops:
         rgb = crop.rgb if reference is None else ReinhardTransform(lab_statistics(crop.rgb), reference)(crop.rgb)
-        detections.append(detect_in_image(members, rgb, scale=FRAME_SCALE, threshold=threshold, device=device))
+        detections.append(detect_in_image(members, rgb, scale=FRAME_SCALE, threshold=threshold, device=device,
+                                          stride_px=stride_px))
     return detections
 
 
@@ -377,17 +381,18 @@ def leave_one_crop_out(names: list[str], detections: list, truths: list[np.ndarr
 
 
 def stain_shift_curve(members: list, crops: list[AnnotatedImage], reference: LabStatistics, threshold: float,
-                      tolerance_px: float, *, draws: int = 4, device: str = "cpu") -> list[dict]:
+                      tolerance_px: float, *, draws: int = 4, device: str = "cpu", stride_px: int = 1,
+                      shifts: tuple[float, ...] = STAIN_SHIFTS) -> list[dict]:
     """Pooled F on the crops under HED stain shifts of increasing size, with and without normalisation."""
     rows = []
-    for shift in STAIN_SHIFTS:
+    for shift in shifts:
         for normalise in (True, False):
             scores = []
-            for draw in range(draws):
+            for draw in range(draws if shift else 1):  # no shift: every draw is the same image
                 rng = np.random.default_rng([draw, int(shift * 1000)])
                 shifted = [_shifted_crop(c, rng, shift) for c in crops]
                 dets = crop_detections(members, shifted, reference if normalise else None, device=device,
-                                       threshold=threshold)
+                                       threshold=threshold, stride_px=stride_px)
                 scores += [match_points(xy, c.centers_rc[:, ::-1], tolerance_px) for (xy, _), c in zip(dets, crops,
                                                                                              strict=True)]
             rows.append({"shift": shift, "normalised": normalise, **pooled(scores).as_dict()})

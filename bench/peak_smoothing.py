@@ -1,0 +1,143 @@
+"""The peak stage of a stored map, block summaries and join: as it was before against as it is now.
+
+Before, ``summarise_peak_block`` convolved every pixel of a block with the disk kernel (float64), linked the
+candidates by a distance transform of the whole block and sent every candidate to the driver, which solved every
+component with the greedy loop.  Now a block smooths only pixels within the kernel's reach of a pixel above the
+threshold (bit-identical values, :func:`wsi_lymph.detection.peaks.smooth_probability_at`), stamps the linking disk
+around sparse candidates, and solves the components that lie wholly inside its core itself; the driver joins only
+the components that reach a block border, and answers one-lymphocyte components without the loop.
+
+This bench runs both on every 2,048-px block of a stored map (the previous way is re-implemented here as the
+reference), checks that the centres are identical, and times blocks and join alternately, ``--repeats`` times,
+on one core (the stage's CPU time; the engine spreads the blocks over its workers).
+
+Usage::
+
+    .venv/bin/wsi-lymph probmap ../shared/data/slides/cmu-1-small-region.svs --out /tmp/pm
+    .venv/bin/python bench/peak_smoothing.py --map /tmp/pm/cmu-1-small-region/prob.zarr
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import zarr
+from scipy import ndimage
+
+from wsi_lymph.constants import CLEAR_RADIUS_PX, SMOOTH_RADIUS_PX
+from wsi_lymph.detection.peaks import (
+    PEAK_BLOCK_PX,
+    _empty_summary,
+    _join_components,
+    centres_from_summaries,
+    disk_kernel,
+    greedy_peaks,
+    read_with_halo,
+    summarise_peak_block,
+)
+from wsi_lymph.engine.centres import plan_peaks
+
+
+def previous_summary(padded: np.ndarray, box: tuple[int, int, int, int], halo_px: int, threshold: float) -> dict:
+    """The block summary as computed before: the whole block smoothed, the distance transform for linking."""
+    kernel = disk_kernel(SMOOTH_RADIUS_PX)
+    smooth_half = kernel.shape[0] // 2
+    reach = halo_px - smooth_half
+    r0, r1, c0, c1 = box
+    if padded.max() <= threshold:
+        return _empty_summary(r1 - r0, c1 - c0)
+    smoothed = ndimage.convolve(padded.astype(np.float64), kernel, mode="reflect")[
+        smooth_half:-smooth_half, smooth_half:-smooth_half]
+    candidates = smoothed > threshold
+    linked = (ndimage.distance_transform_edt(~candidates) <= reach)[reach:-reach, reach:-reach]
+    core = smoothed[reach:-reach, reach:-reach]
+    labels, count = ndimage.label(linked, structure=np.ones((3, 3), dtype=bool))
+    rows, cols = np.nonzero(core > threshold)
+    return {"rows": rows + r0, "cols": cols + c0, "values": core[rows, cols], "labels": labels[rows, cols],
+            "count": count, "top": labels[0].copy(), "bottom": labels[-1].copy(), "left": labels[:, 0].copy(),
+            "right": labels[:, -1].copy()}
+
+
+def previous_greedy_per_component(rows, cols, values, owner, threshold, clear_radius_px):
+    """The driver's loop as it was: the greedy on every component."""
+    centres, scores = [], []
+    order = np.argsort(owner, kind="stable")
+    for members in np.split(order, np.flatnonzero(np.diff(owner[order])) + 1):
+        if len(members) == 0:
+            continue
+        r, c = rows[members], cols[members]
+        top, left = r.min(), c.min()
+        local = np.full((r.max() - top + 1, c.max() - left + 1), -np.inf)
+        local[r - top, c - left] = values[members]
+        found = greedy_peaks(local, threshold, clear_radius_px)
+        centres.append(found + [top, left])
+        scores.append(local[found[:, 0], found[:, 1]])
+    if not centres:
+        return np.zeros((0, 2), dtype=np.int64), np.zeros(0)
+    return np.concatenate(centres), np.concatenate(scores)
+
+
+def previous_join(graph, summaries: dict, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """``centres_from_summaries`` as it was: every candidate joined and solved on the driver."""
+    heights, widths = graph.chunks
+    grid = (len(heights), len(widths))
+    ordered = [summaries.get((i, j)) or _empty_summary(heights[i], widths[j]) for i, j in np.ndindex(grid)]
+    component = _join_components(ordered, grid)
+    rows = np.concatenate([b["rows"] for b in ordered])
+    cols = np.concatenate([b["cols"] for b in ordered])
+    values = np.concatenate([b["values"] for b in ordered])
+    owner = np.concatenate([component[i][b["labels"]] for i, b in enumerate(ordered)])
+    centres, scores = previous_greedy_per_component(rows, cols, values, owner, threshold, CLEAR_RADIUS_PX)
+    order = np.lexsort((centres[:, 1], centres[:, 0]))
+    return centres[order], scores[order]
+
+
+def run_stage(stage, blocks: dict, summarise, join) -> tuple[float, float, tuple[np.ndarray, np.ndarray]]:
+    """(seconds of the block summaries, seconds of the join, centres and scores)."""
+    start = time.perf_counter()
+    summaries = {index: summarise(padded, box, stage.graph.halo_px, stage.threshold)
+                 for index, (box, padded) in blocks.items()}
+    middle = time.perf_counter()
+    found = join(stage.graph, summaries, stage.threshold)
+    return middle - start, time.perf_counter() - middle, found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--map", required=True, help="a stored prob.zarr (wsi-lymph probmap --out DIR)")
+    parser.add_argument("--threshold", type=float, help="threshold on smoothed P (default: the model's)")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    stage = plan_peaks(args.map, args.threshold)
+    array = zarr.open_array(args.map, mode="r")
+    scale = np.float32(dict(array.attrs)["wsi_lymph"]["value_scale"])
+    blocks = {index: (box, read_with_halo(array, box, stage.graph.halo_px).astype(np.float32) * scale)
+              for index, box in zip(stage.graph.blocks, stage.graph.boxes, strict=True)}
+    ways = {"previous": (previous_summary, previous_join),
+            "now": (summarise_peak_block,
+                    lambda graph, summaries, threshold: centres_from_summaries(graph, summaries, threshold,
+                                                                               CLEAR_RADIUS_PX))}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in ways}
+    results = {}
+    for _ in range(args.repeats):  # alternating, each way on the same blocks
+        for name, (summarise, join) in ways.items():
+            block_s, join_s, results[name] = run_stage(stage, blocks, summarise, join)
+            times[name].append((block_s, join_s))
+    assert all(np.array_equal(a, b) for a, b in zip(results["previous"], results["now"], strict=True))
+    print(f"map {array.shape} {array.dtype}; threshold {stage.threshold}; {len(blocks)} peak blocks of "
+          f"{PEAK_BLOCK_PX} px + {stage.graph.halo_px} px halo; {len(results['now'][0])} centres, identical both ways")
+    for name, rows in times.items():
+        totals = [b + j for b, j in rows]
+        print(f"{name:>9}: blocks {statistics.median(b for b, _ in rows):7.2f} s, join "
+              f"{statistics.median(j for _, j in rows):6.2f} s, total {statistics.median(totals):7.2f} s "
+              f"({min(totals):.2f}-{max(totals):.2f})")
+    ratios = [(pb + pj) / (nb + nj) for (pb, pj), (nb, nj) in zip(times["previous"], times["now"], strict=True)]
+    print(f"speed-up of the stage {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}x over "
+          f"{args.repeats} repeats)")
+
+
+if __name__ == "__main__":
+    main()
