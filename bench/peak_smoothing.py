@@ -15,6 +15,10 @@ Usage::
 
     .venv/bin/wsi-lymph probmap ../shared/data/slides/cmu-1-small-region.svs --out /tmp/pm
     .venv/bin/python bench/peak_smoothing.py --map /tmp/pm/cmu-1-small-region/prob.zarr
+    # a lymphocyte-dense 10,000^2 px mosaic of CMU-1 tiles (bench/student_size_curve.py):
+    .venv/bin/python bench/student_size_curve.py --sizes 10000 --write-slides /tmp/mosaic
+    .venv/bin/wsi-lymph probmap /tmp/mosaic/cmu1-mosaic-10000.tif --out /tmp/pm
+    .venv/bin/python bench/peak_smoothing.py --map /tmp/pm/cmu1-mosaic-10000/prob.zarr --repeats 2
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ included; the peak resident memory of the whole process tree is sampled every 0.
 Usage::
 
     .venv/bin/python bench/student_size_curve.py --sizes 5000 10000 20000 --json size-curve.json
+    .venv/bin/python bench/student_size_curve.py --sizes 10000 --write-slides DIR   # the slides only
 """
 
 from __future__ import annotations
@@ -109,8 +110,15 @@ def main() -> None:
     parser.add_argument("--workers", type=int, help="detect --workers (default: detect's own default)")
     parser.add_argument("--tmp", type=Path, help="folder for the slides and outputs (default: a temporary one)")
     parser.add_argument("--json", type=Path, help="write the rows to this file")
+    parser.add_argument("--write-slides", type=Path, metavar="DIR",
+                        help="only write the slides into DIR (cmu1-mosaic-<size>.tif), for other benches")
     args = parser.parse_args()
     views = texture_cells(SOURCE)
+    if args.write_slides:
+        args.write_slides.mkdir(parents=True, exist_ok=True)
+        for size_px in args.sizes:
+            write_slide(args.write_slides / f"cmu1-mosaic-{size_px}.tif", size_px, views)
+        return
     rows = []
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         for size_px in args.sizes:
