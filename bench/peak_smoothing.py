@@ -38,7 +38,7 @@ from wsi_lymph.detection.peaks import (
     _join_components,
     centres_from_summaries,
     disk_kernel,
-    greedy_peaks,
+    greedy_component,
     read_with_halo,
     summarise_peak_block,
 )
@@ -72,13 +72,10 @@ def previous_greedy_per_component(rows, cols, values, owner, threshold, clear_ra
     for members in np.split(order, np.flatnonzero(np.diff(owner[order])) + 1):
         if len(members) == 0:
             continue
-        r, c = rows[members], cols[members]
-        top, left = r.min(), c.min()
-        local = np.full((r.max() - top + 1, c.max() - left + 1), -np.inf)
-        local[r - top, c - left] = values[members]
-        found = greedy_peaks(local, threshold, clear_radius_px)
-        centres.append(found + [top, left])
-        scores.append(local[found[:, 0], found[:, 1]])
+        found, found_scores = greedy_component(rows[members], cols[members], values[members], threshold,
+                                               clear_radius_px)
+        centres.append(found)
+        scores.append(found_scores)
     if not centres:
         return np.zeros((0, 2), dtype=np.int64), np.zeros(0)
     return np.concatenate(centres), np.concatenate(scores)

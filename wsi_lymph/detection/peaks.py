@@ -344,8 +344,8 @@ def summarise_peak_block(
     if padded.size == 0 or padded.max() <= threshold:
         return _empty_summary(r1 - r0, c1 - c0)
     # Smoothed P is needed only where it can pass the threshold: where the largest P under the kernel does
-    # (a weighted mean never exceeds its largest term; the margin covers float64 rounding of the sum).  A few
-    # per cent of a block at most, so smoothing just there is exact and ~10x cheaper than the whole block.
+    # (a weighted mean never exceeds its largest term; the margin covers float64 rounding of the sum).  Usually a
+    # few per cent of a block, where smoothing just those pixels is exact and several times cheaper.
     # Exact wherever the whole kernel lies inside `padded`: the core plus `reach` around it.
     inner = (slice(smooth_half, -smooth_half),) * 2
     above = (padded > threshold - 1e-6).view(np.uint8)
@@ -446,15 +446,22 @@ def _greedy_per_component(rows: np.ndarray, cols: np.ndarray, values: np.ndarray
     ends = np.r_[starts[1:], order.size]
     for start, end in zip(starts[~single], ends[~single], strict=True):
         members = order[start:end]
-        r, c = rows[members], cols[members]
-        top, left = r.min(), c.min()
-        # The component alone on its bounding box; everything else stays below the threshold.
-        local = np.full((r.max() - top + 1, c.max() - left + 1), -np.inf)
-        local[r - top, c - left] = values[members]
-        found = greedy_peaks(local, threshold, clear_radius_px)
-        centres.append(found + [top, left])
-        scores.append(local[found[:, 0], found[:, 1]])
+        found, found_scores = greedy_component(rows[members], cols[members], values[members], threshold,
+                                               clear_radius_px)
+        centres.append(found)
+        scores.append(found_scores)
     return np.concatenate(centres), np.concatenate(scores)
+
+
+def greedy_component(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, threshold: float,
+                     clear_radius_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`greedy_peaks` on one component's candidates alone: (n, 2) (row, col) centres and (n,) values."""
+    top, left = rows.min(), cols.min()
+    # The component alone on its bounding box; everything else stays below the threshold.
+    local = np.full((rows.max() - top + 1, cols.max() - left + 1), -np.inf)
+    local[rows - top, cols - left] = values
+    found = greedy_peaks(local, threshold, clear_radius_px)
+    return found + [top, left], local[found[:, 0], found[:, 1]]
 
 
 def _chunk_boxes(chunks) -> list[tuple[int, int, int, int]]:

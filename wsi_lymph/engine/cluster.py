@@ -220,8 +220,8 @@ def default_workers() -> int:
 
     One process per core, rather than one multi-threaded process per two: only inference uses several threads,
     while the stain map, the peak blocks, the pyramid and the outputs are single-threaded tasks.  Measured on 2
-    cores (BENCHMARKS.md, whole slides of growing size): ``detect`` on a 10,000² px slide 81.6 s against 118.2 s,
-    the map alone 36.2 s against 51.5 s.
+    cores (BENCHMARKS.md, whole slides of growing size): ``detect`` on a 10,000² px slide 86 s against 135 s, on
+    a 20,000² px slide 454 s against 602 s.
     """
     import torch
 
