@@ -21,7 +21,7 @@ from wsi_lymph.detection.peaks import detect_centers
 from wsi_lymph.engine.batch import run_probmaps
 from wsi_lymph.engine.centres import find_centres, plan_peaks
 from wsi_lymph.engine.params import ProbmapParams
-from wsi_lymph.io.probmap_store import open_probmap
+from wsi_lymph.io.probmap_store import encode, open_probmap
 from wsi_lymph.models.checkpoints import load_checkpoint
 from wsi_lymph.models.registry import resolve_model
 
@@ -186,6 +186,20 @@ def test_one_worker_other_blocks_and_storage_equal_the_2_worker_map(crop_maps, m
     assert np.all(np.abs(stored.astype(np.float32) - reference) <= step)
     np.testing.assert_array_equal(_load(out4), crop_maps[4][1])
     assert seen and all(r == {"GPU": 1} for r in seen)  # inference asks for a GPU where workers have one
+
+
+def test_float16_encoding_rounds_as_numpy_does():
+    """The fast float16 path stores exactly NumPy's round-to-nearest-even values, ties and subnormals included."""
+    rng = np.random.default_rng(3)
+    halves = np.arange(0, 2**16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    halves = halves[np.isfinite(halves) & (halves >= 0) & (halves <= 1)].astype(np.float32)
+    ties = (halves[:-1] + halves[1:]) / 2  # exactly between two float16 values (float32 holds them exactly)
+    prob = np.concatenate([rng.random(100_000, dtype=np.float32), rng.random(1000, dtype=np.float32) * 1e-6,
+                           halves, ties, np.nextafter(ties, 0), np.nextafter(ties, 1)])
+    block = prob[: 400 * 400].reshape(400, 400)[::2, 1:]  # a strided view, as a block cut out of its window
+    for values in (prob, block):
+        np.testing.assert_array_equal(encode(values, "float16").view(np.uint16),
+                                      values.astype(np.float16).view(np.uint16))
 
 
 @pytest.mark.shared_data
