@@ -90,6 +90,42 @@ def test_changed_settings_are_refused_and_a_new_threshold_reuses_the_map(client,
 
 
 @pytest.mark.shared_data
+def test_a_new_hotspot_area_or_density_bin_rewrites_the_outputs_from_the_stored_centres(tmp_path):
+    """Not "already done" with stale pictures, and no --force: the centres are read back, the map is not needed."""
+    out, slide = tmp_path / "out", CROPS / "example_1.tif"
+    common = [slide, "--mpp", "0.5", *FAST, "--out", out]  # the default model; its map is deleted when done
+    assert _cli("detect", *common).returncode == 0
+    folder = out / "example_1"
+    assert not (folder / "prob.zarr").exists()
+    first = json.loads((folder / "summary.json").read_text())
+    centres = (folder / "centers.csv").read_bytes()
+    density = (folder / "density.png").read_bytes()
+    assert first["hotspot"]["area_mm2"] == 1.0 and first["density_png_bin_um"] == 25.0 and first["count"] > 10
+
+    changed = _cli("detect", *common, "--hotspot-mm2", "0.001", "--density-bin-um", "10")
+    said = changed.stdout + changed.stderr
+    assert changed.returncode == 0, said
+    assert ("--hotspot-mm2 1 -> 0.001, density bin 25.0 -> 10 µm: writing its outputs again from its centres "
+            "(same centres, no inference)") in said, said
+    assert "map done" not in said and "already done in" in said
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["hotspot"]["area_mm2"] == 0.001 and summary["density_png_bin_um"] == 10.0
+    assert summary["hotspot"]["count"] < first["hotspot"]["count"]
+    assert summary["count"] == first["count"] and (folder / "centers.csv").read_bytes() == centres
+    assert (folder / "density.png").read_bytes() != density
+    assert set(summary["outputs"]) == set(first["outputs"])  # the map's PNGs kept, listed again
+    assert all((folder / name).exists() for name in summary["outputs"])
+
+    again = _cli("detect", *common, "--hotspot-mm2", "0.001", "--density-bin-um", "10")
+    assert again.returncode == 0 and "with the same settings, skipped" in again.stdout + again.stderr
+    # Back to the defaults: the first outputs again, byte for byte where nothing records times.
+    back = _cli("detect", *common)
+    assert back.returncode == 0 and "writing its outputs again" in back.stdout + back.stderr
+    final = json.loads((folder / "summary.json").read_text())
+    assert final["hotspot"] == first["hotspot"] and final["density_png_bin_um"] == 25.0
+    assert (folder / "density.png").read_bytes() == density
+
+
 @pytest.mark.shared_data
 def test_the_library_refuses_a_region_reaching_beyond_the_slide_as_the_cli_does(client, tmp_path):
     # Clipping would analyse less than asked while the outputs describe the request (cli/checks.py).

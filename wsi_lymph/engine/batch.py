@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TextIO
 
 import numpy as np
+import pyarrow
 import zarr
 from distributed import Client, Future, as_completed
 from tqdm import tqdm
@@ -74,7 +75,8 @@ from wsi_lymph.io.ome_zarr import (
     remove_working_map,
     submit_pyramid,
 )
-from wsi_lymph.io.outputs import write_json
+from wsi_lymph.io.outputs import read_centres_parquet, write_json
+from wsi_lymph.io.pictures import density_bin_um
 from wsi_lymph.io.probmap_store import (
     STORE_DTYPES,
     computed_blocks_attr,
@@ -83,6 +85,7 @@ from wsi_lymph.io.probmap_store import (
     write_block,
 )
 from wsi_lymph.io.report import write_report
+from wsi_lymph.io.slide_outputs import analysed_extent_um
 from wsi_lymph.models.architectures import architecture_of
 from wsi_lymph.models.registry import load_model, resolve_model
 from wsi_lymph.slides.frame import ModelFrame, block_boxes, choose_frame, frame_region
@@ -247,6 +250,24 @@ def _peak_changes(summary_path: Path, threshold: float) -> str | None:
         return ""
     asked = {"--threshold": threshold, "smoothing radius": SMOOTH_RADIUS_PX, "clearing radius": CLEAR_RADIUS_PX}
     changes = [f"{key} {found[key]:g} -> {asked[key]:g}" for key in asked if found[key] != asked[key]]
+    return ", ".join(changes) or None
+
+
+def _output_changes(summary: dict, map_attrs: dict, shape_rc: tuple[int, int], hotspot_mm2: float,
+                    density_bin: float | None) -> str | None:
+    """How the outputs in ``summary`` (``summary.json``) were drawn differently from how they are asked for now.
+
+    The hotspot's field area and ``density.png``'s bin (None: automatic, from the analysed extent, as
+    :func:`~wsi_lymph.io.pictures.density_bin_um` chooses it).  Returns None when they are the same, else the
+    changes in words.
+    """
+    found_hotspot = (summary.get("hotspot") or {}).get("area_mm2")
+    asked_bin = density_bin_um(analysed_extent_um(map_attrs, shape_rc), density_bin)
+    changes = []
+    if found_hotspot is not None and found_hotspot != hotspot_mm2:
+        changes.append(f"--hotspot-mm2 {found_hotspot:g} -> {hotspot_mm2:g}")
+    if summary.get("density_png_bin_um") != asked_bin:
+        changes.append(f"density bin {summary.get('density_png_bin_um')} -> {asked_bin:g} µm")
     return ", ".join(changes) or None
 
 
@@ -540,10 +561,12 @@ class _Batch:
         """One open slide's row of the dashboard page: its stage and the steps of it done, of how many."""
         result = slide.result
         stage, done, total, note = "stain map", 0, 1, ""
-        if slide.peaks is not None:
+        if slide.write_started:  # also where only the outputs are written again (no peak stage)
+            stage, done, total = "write", 0, 1
+        elif slide.peaks is not None:
             stage, done, total = "peaks", len(slide.peaks.summaries), len(slide.peaks.graph.blocks)
-            if slide.peaks.complete:
-                stage, done, total = "write", 0, 1
+            if slide.peaks.complete:  # the centres are found: the map's pyramid is written, then the outputs
+                stage, done, total = "pyramid", 0, 1
         elif slide.needs_statistics:
             stage = "stain statistics"
         elif slide.todo is not None:
@@ -620,6 +643,8 @@ class _Batch:
         else:
             threshold = self.peak_options.threshold
             changes = _peak_changes(summary, self.model_info["threshold"] if threshold is None else threshold)
+        if changes is None and self.peak_options is not None and self._rewrite_outputs(slide, summary):
+            return
         if changes is None:
             result.status = "done"
             if summary.is_file() and self.peak_options is not None:
@@ -641,6 +666,37 @@ class _Batch:
             self.log(f"{result.name}: map already complete in {slide.slide_dir}, finding centres")
         self.open.append(slide)
         self._start_peaks(slide)
+
+    def _rewrite_outputs(self, slide: _Slide, summary_path: Path) -> bool:
+        """Write a finished slide's outputs again where only the hotspot's area or the density bin changed.
+
+        Those are drawn from the centres alone, so the centre table is read back from ``centers.parquet``
+        and only the ``write`` task runs: no map needed (it may have been deleted), the centres unchanged.
+        Returns False where nothing changed.
+        """
+        stored = finished_map_attributes(slide.slide_dir)
+        summary = json.loads(summary_path.read_text())
+        if stored is None:  # _load_earlier_map found it
+            return False
+        map_attrs, shape_rc, _ = stored
+        changes = _output_changes(summary, map_attrs, shape_rc, self.peak_options.hotspot_mm2,
+                                  self.peak_options.density_bin_um)
+        if changes is None:
+            return False
+        try:
+            table = read_centres_parquet(slide.slide_dir / "centers.parquet")
+        except (OSError, ValueError, KeyError, pyarrow.ArrowException) as error:
+            raise SlideError(f"{slide.info.path}: {changes}, but its centres cannot be read back from "
+                             f"{slide.slide_dir / 'centers.parquet'} ({_describe(error)}); pass --force to "
+                             "recompute the slide (replacing those results)") from None
+        result = slide.result
+        result.flags = summary.get("flags", result.flags)
+        summary_path.unlink()  # until the new outputs are complete, the slide counts as unfinished
+        self.log(f"{result.name}: already done in {slide.slide_dir}; {changes}: writing its outputs again from "
+                 "its centres (same centres, no inference)")
+        self.open.append(slide)
+        self._start_write(slide, table, dict(map_attrs, threshold_used=summary["threshold"]), shape_rc)
+        return True
 
     # -------------------------------------------------------------- stage 1: stain map
     def _on_stain_map(self, slide: _Slide, future: Future) -> None:
@@ -760,7 +816,7 @@ class _Batch:
     def _start_pyramid(self, slide: _Slide, table: dict) -> None:
         """``prob.ome.zarr`` (:mod:`wsi_lymph.io.ome_zarr`) before the outputs, so ``summary.json`` can list it."""
         if slide.result.reused and (slide.slide_dir / PYRAMID_NAME).is_dir():  # the same map: the same pyramid
-            return self._start_write(slide, table)
+            return self._start_write(slide, table, slide.peaks.attrs, slide.peaks.shape_rc)
         self.bars.stage(slide, "pyramid")
         started = time.perf_counter()
         future = submit_pyramid(self.client, slide.final_store, slide.slide_dir, slide.name, slide.token)
@@ -778,14 +834,15 @@ class _Batch:
                               if _lasting(error) else f"{slide.info.path}: writing the map's pyramid failed: "
                               f"{_describe(error)}")
         slide.result.seconds["pyramid"] = round(time.perf_counter() - started, 3)
-        self._start_write(slide, table)
+        self._start_write(slide, table, slide.peaks.attrs, slide.peaks.shape_rc)
 
-    def _start_write(self, slide: _Slide, table: dict) -> None:
+    def _start_write(self, slide: _Slide, table: dict, attrs: dict, shape_rc: tuple[int, int]) -> None:
+        """The ``write`` task: hotspot and every output file of the slide, from its centre table and map attributes."""
         result = slide.result
         self.bars.stage(slide, "write")
         slide.write_started = time.perf_counter()
         future = self.client.submit(
-            write_slide, slide.slide_dir, result.name, result.path, slide.peaks.attrs, table,
+            write_slide, slide.slide_dir, result.name, result.path, attrs, shape_rc, table,
             asdict(result), asdict(self.params) | {"keep_map": self.keep_map}, self.peak_options.hotspot_mm2,
             self.peak_options.density_bin_um, key=f"write-{slide.token}", pure=False,
         )

@@ -47,6 +47,8 @@ class PeakStage:
         The peak blocks to compute.
     attrs : dict
         The map's ``wsi_lymph`` attributes, plus ``threshold_used``.
+    shape_rc : (int, int)
+        The map's rows and columns (model-frame px).
     summaries : dict
         :func:`wsi_lymph.detection.peaks.summarise_peak_block` of each finished block, by block index.
     """
@@ -54,6 +56,7 @@ class PeakStage:
     store: str
     graph: PeakGraph
     attrs: dict
+    shape_rc: tuple[int, int]
     summaries: dict[tuple[int, int], dict] = field(default_factory=dict)
 
     @property
@@ -95,7 +98,7 @@ def plan_peaks(prob_store: str | os.PathLike, threshold: float | None = None, pe
     chunks = normalize_chunks(block_shape, shape=array.shape)
     graph = peak_blocks(chunks, attrs["threshold_used"], SMOOTH_RADIUS_PX, CLEAR_RADIUS_PX,
                         nonzero_boxes=computed_boxes(attrs))
-    return PeakStage(str(prob_store), graph, attrs)
+    return PeakStage(str(prob_store), graph, attrs, tuple(array.shape))
 
 
 def peak_block_of_store(prob_store: str, box: tuple[int, int, int, int], halo_px: int, threshold: float) -> dict:

@@ -16,8 +16,9 @@ from wsi_lymph.detection.hotspot import densest_field
 from wsi_lymph.io.slide_outputs import write_slide_outputs
 
 
-def write_slide(slide_dir: Path, name: str, slide_path: str, attrs: dict, table: dict, result: dict, params: dict,
-                hotspot_mm2: float = HOTSPOT_FIELD_MM2, density_bin_um: float | None = None) -> tuple[int, float]:
+def write_slide(slide_dir: Path, name: str, slide_path: str, attrs: dict, shape_rc: tuple[int, int], table: dict,
+                result: dict, params: dict, hotspot_mm2: float = HOTSPOT_FIELD_MM2,
+                density_bin_um: float | None = None) -> tuple[int, float]:
     """Find the slide's densest field of ``hotspot_mm2`` mm², then write its outputs.
 
     Parameters are those of :func:`wsi_lymph.io.slide_outputs.write_slide_outputs`, plus the hotspot field's
@@ -31,5 +32,5 @@ def write_slide(slide_dir: Path, name: str, slide_path: str, attrs: dict, table:
     started = time.perf_counter()
     hotspot = densest_field(np.stack([table["x_um"], table["y_um"]], axis=-1), hotspot_mm2)
     result = dict(result, seconds=dict(result["seconds"], hotspot=round(time.perf_counter() - started, 3)))
-    return write_slide_outputs(slide_dir, name, slide_path, attrs, table, result, params,
+    return write_slide_outputs(slide_dir, name, slide_path, attrs, shape_rc, table, result, params,
                                hotspot=hotspot.as_dict(), density_bin_um=density_bin_um)

@@ -98,6 +98,12 @@ def write_centres_parquet(path: Path, table: dict) -> None:
     write_atomic(path, sink.getvalue().to_pybytes())
 
 
+def read_centres_parquet(path: Path) -> dict:
+    """The centre table as :func:`write_centres_parquet` wrote it (NumPy columns, same dtypes and order)."""
+    table = pq.read_table(path, columns=list(CENTRE_COLUMNS))
+    return {name: table.column(name).to_numpy() for name in CENTRE_COLUMNS}
+
+
 def write_centres_geojson(path: Path, table: dict) -> None:
     """Point detections classified "Lymphocyte", as QuPath imports them (File > Import objects)."""
     features = [

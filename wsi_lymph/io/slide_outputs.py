@@ -31,12 +31,14 @@ def analysed_area_mm2(attrs: dict, shape_rc: tuple[int, int]) -> float:
     return float(shape_rc[0] * shape_rc[1] * (mpp / 1000.0) ** 2)
 
 
-def write_slide_outputs(slide_dir: Path, name: str, slide_path: str, attrs: dict, table: dict, result: dict,
-                        params: dict, *, hotspot: dict | None = None,
+def write_slide_outputs(slide_dir: Path, name: str, slide_path: str, attrs: dict, shape_rc: tuple[int, int],
+                        table: dict, result: dict, params: dict, *, hotspot: dict | None = None,
                         density_bin_um: float | None = None) -> tuple[int, float]:
     """Every output of one slide: centres (CSV, Parquet, GeoJSON), pictures, then ``summary.json`` last.
 
-    ``summary.json`` is written last, so its presence means the slide is finished.  ``hotspot`` is the densest
+    ``attrs`` and ``shape_rc`` are the map's (its ``wsi_lymph`` attributes plus ``threshold_used``, and its
+    (rows, cols) in model-frame px); the map itself is not read, so outputs can be written again after it was
+    deleted.  ``summary.json`` is written last, so its presence means the slide is finished.  ``hotspot`` is the densest
     field (:meth:`wsi_lymph.detection.hotspot.Hotspot.as_dict`), recorded and outlined on the pictures;
     ``density_bin_um`` the bin of ``density.png`` (default: :func:`wsi_lymph.io.pictures.density_bin_um`).
 
@@ -48,7 +50,7 @@ def write_slide_outputs(slide_dir: Path, name: str, slide_path: str, attrs: dict
     write_centres_csv(slide_dir / "centers.csv", table)
     write_centres_parquet(slide_dir / "centers.parquet", table)
     write_centres_geojson(slide_dir / "centers.geojson", table)
-    shape = tuple(zarr.open_array(str(slide_dir / "prob.zarr"), mode="r").shape)
+    shape = tuple(shape_rc)
     area = analysed_area_mm2(attrs, shape)
     tissue, hematoxylin = result["tissue_mm2"], result["hematoxylin_mm2"]
     count = len(table["x"])
@@ -167,9 +169,11 @@ def write_pictures(folder: Path, name: str, slide_path: Path, attrs: dict, shape
                                 thumbnail_rgb=thumbnail, bin_um=density_bin_um, hotspot=hotspot)
     written.append("density.png")
     if max(shape) <= TUTORIAL_PNG_MAX_PX:
-        prob = zarr.open_array(str(folder / "prob.zarr"), mode="r")[:].astype(np.float32) * attrs["value_scale"]
-        write_tutorial_pngs(folder, name, prob)
-        written += [f"{name}_prob.png", f"{name}_class.png"]
+        if (folder / "prob.zarr").is_dir():
+            prob = zarr.open_array(str(folder / "prob.zarr"), mode="r")[:].astype(np.float32) * attrs["value_scale"]
+            write_tutorial_pngs(folder, name, prob)
+        # else outputs written again after the map was deleted: its PNGs (of the map alone) are still those
+        written += [png for png in (f"{name}_prob.png", f"{name}_class.png") if (folder / png).is_file()]
     return written, density
 
 
