@@ -35,6 +35,7 @@ from wsi_lymph.engine.cluster import (
     user_security,
     walltime_seconds,
 )
+from wsi_lymph.models.device import WORKER_MALLOC_ENVIRON
 
 GOLDEN = Path(__file__).parent / "golden"
 PROFILES = REPO / "cluster" / "jobqueue.yaml"
@@ -62,7 +63,8 @@ def test_job_scripts_of_the_profiles_match_the_golden_files(kind, tmp_path, monk
               "slurm": ["#SBATCH -J wsi-lymph", "#SBATCH -p gpu", "#SBATCH --cpus-per-task=8", "#SBATCH --mem=30G",
                         "#SBATCH -t 04:00:00", "#SBATCH --gres=gpu:1"]}[kind]
     lines = script.splitlines()
-    for line in header + ["module load cuda/12.4", "source $HOME/wsi-lymph/.venv/bin/activate"]:
+    prologue = ["export MALLOC_ARENA_MAX=1", "module load cuda/12.4", "source $HOME/wsi-lymph/.venv/bin/activate"]
+    for line in header + prologue:
         assert line in lines, (line, script)
     worker = lines[-1]
     for part in ("--nthreads 8 ", "--memory-limit 29.80GiB", "--resources GPU=1", "--lifetime 225m",
@@ -215,6 +217,12 @@ def test_the_users_certificates_are_used_where_they_are(tmp_path):
             assert client.run_on_scheduler(lambda: 7) == 7
     with pytest.raises(ClusterError, match="--tls-cert"):
         user_security(str(tmp_path / "ca.pem"))
+
+
+def test_local_workers_start_with_one_malloc_arena(client):
+    """Tasks run in a worker's second thread; one arena gives its forward pass the reused heap (models/device.py)."""
+    environ = client.run(lambda: {key: os.environ.get(key) for key in WORKER_MALLOC_ENVIRON})
+    assert len(environ) == 2 and all(env == WORKER_MALLOC_ENVIRON for env in environ.values()), environ
 
 
 def test_test_clusters_bind_to_loopback(client):

@@ -5,6 +5,7 @@
 #PBS -l select=1:ncpus=8:ngpus=1:mem=32GB
 #PBS -l walltime=04:00:00
 #PBS -j oe
+export MALLOC_ARENA_MAX=1
 module load cuda/12.4
 source $HOME/wsi-lymph/.venv/bin/activate
 export OMP_NUM_THREADS=${NCPUS:-8}

@@ -7,6 +7,7 @@
 #SBATCH --mem=30G
 #SBATCH -t 04:00:00
 #SBATCH --gres=gpu:1
+export MALLOC_ARENA_MAX=1
 module load cuda/12.4
 source $HOME/wsi-lymph/.venv/bin/activate
 export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-8}

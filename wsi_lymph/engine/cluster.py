@@ -59,6 +59,7 @@ from distributed.utils import format_dashboard_link, get_ip_interface
 
 from wsi_lymph.cache import cache_dir
 from wsi_lymph.engine.jobqueue_compat import close_cluster, closing_job_class, replace_lost_jobs, submit_jobs
+from wsi_lymph.models.device import WORKER_MALLOC_ENVIRON
 
 #: Where the dashboard listens unless told: the driver machine's loopback, reached through an SSH tunnel.
 DEFAULT_DASHBOARD = "localhost:8787"
@@ -320,6 +321,8 @@ def resolve_job_options(kind: str, profile: str | None = None,
     options.update(flags)
     for key in ("worker_extra_args", "job_extra_directives", "job_script_prologue"):
         options[key] = list(options.get(key) or [])
+    # First, so a site's own prologue can still change them (models/device.py says why).
+    options["job_script_prologue"][:0] = [f"export {key}={value}" for key, value in WORKER_MALLOC_ENVIRON.items()]
     if scheduler.resource_spec is not None and ({"cores", "memory"} & set(flags) or gpus is not None):
         options["resource_spec"] = scheduler.resource_spec(options, flags, gpus)
     if gpus is not None:
@@ -804,7 +807,10 @@ def _local_client(workers: int, dashboard_address: str, interface: str | None, m
     """
     host = interface_address(interface) if interface else None  # checked before any process starts
     dashboard_address = _dashboard_on(dashboard_address, host)
-    with (LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=dashboard_address,
+    # Nannies read the environment of the worker processes they (re)start when they are created.
+    environ = {f"distributed.nanny.pre-spawn-environ.{key}": value for key, value in WORKER_MALLOC_ENVIRON.items()}
+    with (dask.config.set(environ),
+          LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=dashboard_address,
                        host=host, memory_limit=memory_limit, resources=resources) as local,
           _closing(Client(local)) as client):
         say(f"Dask dashboard: {dashboard_link(client, dashboard_address)}")
