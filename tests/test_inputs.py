@@ -102,7 +102,8 @@ def test_a_new_hotspot_area_or_density_bin_rewrites_the_outputs_from_the_stored_
     density = (folder / "density.png").read_bytes()
     assert first["hotspot"]["area_mm2"] == 1.0 and first["density_png_bin_um"] == 25.0 and first["count"] > 10
 
-    changed = _cli("detect", *common, "--hotspot-mm2", "0.001", "--density-bin-um", "10")
+    # --keep-map too: there is no map left to keep, and summary.json must not list one.
+    changed = _cli("detect", *common, "--hotspot-mm2", "0.001", "--density-bin-um", "10", "--keep-map")
     said = changed.stdout + changed.stderr
     assert changed.returncode == 0, said
     assert ("--hotspot-mm2 1 -> 0.001, density bin 25.0 -> 10 µm: writing its outputs again from its centres "
@@ -113,7 +114,7 @@ def test_a_new_hotspot_area_or_density_bin_rewrites_the_outputs_from_the_stored_
     assert summary["hotspot"]["count"] < first["hotspot"]["count"]
     assert summary["count"] == first["count"] and (folder / "centers.csv").read_bytes() == centres
     assert (folder / "density.png").read_bytes() != density
-    assert set(summary["outputs"]) == set(first["outputs"])  # the map's PNGs kept, listed again
+    assert set(summary["outputs"]) == set(first["outputs"])  # the map's PNGs kept, listed again; no prob.zarr
     assert all((folder / name).exists() for name in summary["outputs"])
 
     again = _cli("detect", *common, "--hotspot-mm2", "0.001", "--density-bin-um", "10")

@@ -84,7 +84,7 @@ def write_slide_outputs(slide_dir: Path, name: str, slide_path: str, attrs: dict
         "flags": result.get("flags", []),  # why the input or these centres look doubtful (engine/batch.py)
         "timings_s": result["seconds"],
         # The working map is deleted after this unless --keep-map; the pyramid is written before (engine/batch.py).
-        "outputs": [*(["prob.zarr"] if params.get("keep_map", True) else []),
+        "outputs": [*(["prob.zarr"] if params.get("keep_map", True) and (slide_dir / "prob.zarr").is_dir() else []),
                     *(["prob.ome.zarr"] if (slide_dir / "prob.ome.zarr").is_dir() else []),
                     "centers.csv", "centers.geojson", "summary.json", "centers.parquet", *pictures],
         "versions": _versions(),
