@@ -10,11 +10,17 @@ Checks, each printed as one JSON line and collected in ``--out/gpu_check.json``:
    whose worker advertises ``GPU=1`` (tasks then ask for it), vs the same on a CPU worker:
    the same centres, max abs map difference, wall time ratio;
 4. ``train``: training iterations/s of the paper recipe on CUDA vs CPU (same seed), and that
-   both losses fall.
+   both losses fall;
+5. ``student``: the default model (the shipped student) on the whole CMU-1 sample slide: its map on
+   CUDA vs the CPU (max abs difference, 20x px/s at several tile sizes), then ``detect`` with
+   defaults on one GPU worker against the default local cluster of CPU workers: the same centres,
+   max abs map difference, wall times and their ratio.
 
 Usage (the device machine has torch with CUDA; dask, zarr and openslide travel as wheels)::
 
     bash bench/gpu_check.sh            # wraps: python bench/gpu_check.py --data .device --out $OUT
+
+``--device cpu`` runs the same sections with the CPU in the GPU's place (a dry run of the script).
 """
 
 from __future__ import annotations
@@ -184,16 +190,77 @@ def check_train(work: Path) -> None:
            ok=out["cuda"]["last"]["val_accuracy"] > 0.9)
 
 
+def check_student(data: Path, work: Path, device: str) -> None:
+    import zarr
+
+    from wsi_lymph.constants import DEFAULT_MODEL
+    from wsi_lymph.engine.batch import run_detect
+    from wsi_lymph.engine.cluster import dask_client, default_workers
+    from wsi_lymph.engine.params import ProbmapParams
+    from wsi_lymph.models.networks import STUDENT_UPSCALE, subpixel_probabilities
+    from wsi_lymph.models.registry import load_model
+    from wsi_lymph.slides.frame import choose_frame, coarser_frame, read_frame_window
+    from wsi_lymph.slides.reader import open_slide
+
+    slide = data / "cmu-1-small-region.svs"
+    info = open_slide(slide)
+    frame = coarser_frame(choose_frame(info), STUDENT_UPSCALE)
+    members = {dev: [(net.to(memory_format=torch.channels_last), mean) for net, mean in
+                     load_model(DEFAULT_MODEL, dev).members] for dev in ("cpu", device)}
+    halo = members["cpu"][0][0].halo_px
+    window = read_frame_window(info, frame, np.arange(-halo, frame.shape_rc[0] + halo),
+                               np.arange(-halo, frame.shape_rc[1] + halo))
+    px = frame.shape_rc[0] * frame.shape_rc[1]
+    cpu_s, cpu = timed(lambda: subpixel_probabilities(members["cpu"], window, device="cpu"), 1)
+    rates = {}
+    for tile in (512, 1024, 2048):
+        gpu_s, gpu = timed(lambda t=tile: subpixel_probabilities(members[device], window, device=device, tile_px=t))
+        rates[tile] = px / gpu_s
+    map_diff = float(np.abs(gpu - cpu).max())
+
+    # detect with defaults: one GPU worker (tasks ask for it) against the local cluster a CPU user gets.
+    outcome = {}
+    for kind in ("cpu", device) if device != "cpu" else ("cpu", "cpu-again"):
+        gpu_worker = kind not in ("cpu", "cpu-again")
+        params = ProbmapParams(device=kind if gpu_worker else None)
+        session = dask_client(1, dashboard_address=None, quiet=True, resources={"GPU": 1}) if gpu_worker else \
+            dask_client(default_workers(), dashboard_address=None, quiet=True)
+        with session as client:
+            start = time.perf_counter()
+            [result] = run_detect(client, [slide], work / f"student-{kind}", params=params, keep_map=True,
+                                  progress=False, log=lambda _: None)
+            wall = time.perf_counter() - start
+        assert result.status == "done", result.reason
+        folder = work / f"student-{kind}" / result.name
+        outcome[kind] = dict(wall=wall, prob=zarr.open_array(str(folder / "prob.zarr"), mode="r")[:].astype(np.float32),
+                             centres=np.loadtxt(folder / "centers.csv", delimiter=",", skiprows=1, ndmin=2),
+                             seconds=result.seconds)
+    first, second = outcome.values()
+    same = first["centres"].shape == second["centres"].shape and np.allclose(first["centres"][:, :2],
+                                                                              second["centres"][:, :2])
+    report("student", slide_px=px, max_abs_map_diff_gpu_cpu=map_diff, cpu_px_per_s=round(px / cpu_s),
+           gpu_px_per_s_by_tile={str(k): round(v) for k, v in rates.items()},
+           ratio_gpu_cpu=round(max(rates.values()) / (px / cpu_s), 1),
+           detect_wall_cpu_s=round(first["wall"], 1), detect_wall_gpu_s=round(second["wall"], 1),
+           detect_ratio_cpu_over_gpu=round(first["wall"] / second["wall"], 2),
+           detect_stages_gpu_s=second["seconds"], centres_cpu=len(first["centres"]),
+           centres_gpu=len(second["centres"]), same_centres=bool(same),
+           detect_max_abs_map_diff=float(np.abs(first["prob"] - second["prob"]).max()),
+           ok=bool(same) and map_diff < 1e-4)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="folder with lymph-centers/, the CMU-1 slide, models")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--only", nargs="*", default=["patch", "dense", "detect", "train"])
+    parser.add_argument("--only", nargs="*", default=["student", "patch", "dense", "detect", "train"])
+    parser.add_argument("--device", default="cuda", help="the accelerator (cpu: a dry run of the student section)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("WSI_LYMPH_CACHE", tempfile.mkdtemp(prefix="wl-cache-"))
     os.environ["WSI_LYMPH_MODEL_SOURCE"] = str((args.data / "janowczyk2016-lymphocyte").resolve())
-    report("device", cuda=torch.cuda.is_available(), name=torch.cuda.get_device_name(0),
+    report("device", cuda=torch.cuda.is_available(),
+           name=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
            torch=torch.__version__, cpu_threads=torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp:
         for section in args.only:
@@ -207,6 +274,8 @@ def main() -> None:
                     check_detect(args.data, Path(tmp))
                 elif section == "train":
                     check_train(Path(tmp))
+                elif section == "student":
+                    check_student(args.data, Path(tmp), args.device)
             except Exception:
                 report(section, error=traceback.format_exc(limit=6), ok=False)
             print(f"# {section}: {time.perf_counter() - start:.1f} s", flush=True)
