@@ -16,8 +16,9 @@ _M_MMAP_MAX = -4
 #: thread but a process's first its own malloc arena, whose heaps grow to 64 MB at most; a Dask task runs in such a
 #: thread, and a forward pass's activations (tens of MB per batch) then come from fresh mappings every batch,
 #: whatever :func:`reuse_freed_memory` says.  With one arena the task thread reuses the process's heap like the
-#: main thread.  Measured (paper network, one torch thread, 65,536 patches, fresh processes): 3,772 patches/s on
-#: the main thread, 2,860 on another thread, 3,809 on another thread with this setting.
+#: main thread.  ``bench/allocator.py --batch 512`` (paper network, one torch thread, fresh processes): 3,902
+#: patches/s on the main thread, 2,675 on a second thread, 3,577 on a second thread with this setting; which
+#: workers draw the slow path varies (``bench/worker_arena.py``), with the setting none does.
 WORKER_MALLOC_ENVIRON = {"MALLOC_ARENA_MAX": "1"}
 
 
