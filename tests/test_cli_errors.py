@@ -71,6 +71,8 @@ def _usage_cases(tmp: Path) -> list[tuple[list[str], str]]:
         (["demo", "--out", out, "--region", "0,0,-5,10"], "--region"),
         (["demo", "--out", out, "--workers", "0"], "--workers"),
         (["demo", "--out", file_], "--out"),
+        (["detect", missing, "--out", out], f"{missing}: not found"),
+        (["probmap", slide, missing, "--out", out], f"{missing}: not found"),  # refused whole, before any work
         (["evaluate", str(tmp), missing], "not found"),
         (["evaluate", missing, str(CROPS)], "not found"),
         (["evaluate", str(tmp), str(CROPS), "--tolerance-um", "0"], "--tolerance-um"),

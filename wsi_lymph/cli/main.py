@@ -75,6 +75,12 @@ def _run_batch(args: argparse.Namespace, command: str) -> int:
 
     checks.check_out_folder(args.out)
     checks.check_block(args.block, args.chunk)
+    # A path named on the command line that is not there is a typo to fix before the batch, as in every other
+    # command; a slide that vanishes during the batch fails alone (engine/batch.py).
+    missing = [str(path) for path in args.slides if not Path(path).exists()]
+    if missing:
+        print(f"wsi-lymph {command}: {', '.join(missing)}: not found", file=sys.stderr)
+        return 2
     search = scan_slides(args.slides, args.glob)
     skipped = search.skipped_line()
     if search.empty:  # a folder with nothing to analyse is a mistake in the command, found before any cluster
