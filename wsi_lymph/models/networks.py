@@ -415,7 +415,7 @@ class SubpixelStudentNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (N, 1, 4 (H - 18), 4 (W - 18)) of (N, 3, H, W) input windows (BGR minus the channel mean)."""
         x = self.conv1(x / self.input_std.view(1, 3, 1, 1))
-        # In place: the same values, one activation-sized buffer less per layer (~6% of the forward on a CPU).
+        # In place: the same values, one activation-sized buffer less per layer (3-6% of the forward, BENCHMARKS.md).
         x = F.relu_(self.conv2(x))
         x = F.relu_(self.conv3(x))
         x = F.relu_(self.conv4(x))
