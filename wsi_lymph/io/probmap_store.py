@@ -26,9 +26,9 @@ def map_compressor(dtype: str) -> BloscCodec:
     """Blosc LZ4 over bit-shuffled values: a third of the time of Zarr's default Zstd (level 3) per block.
 
     The map's low bits are noise, so bit-shuffling (each bit plane apart) compresses the high ones better than
-    byte-shuffling.  Writing a 2,048² student block of CMU-1 (float16, 512² chunks; ``write_block``, median of
-    5): 0.027 s and 6.7 MB bit-shuffled, 0.029 s and 7.2 MB byte-shuffled, 0.020 s and 8.4 MB uncompressed; Zstd
-    took 0.123 s.  At the student's speed, writing the map is a visible share of each task
+    byte-shuffling.  Writing a 2,048² student block of CMU-1 (float16, 512² chunks; ``bench/map_encoding.py``,
+    median of 5): 30 ms and 6.7 MB bit-shuffled, 34 ms and 7.2 MB byte-shuffled, 24 ms and 8.4 MB uncompressed.
+    At the student's speed, writing the map is a visible share of each task
     (``bench/student_speed.py``).
     """
     return BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=np.dtype(dtype).itemsize)
@@ -38,8 +38,8 @@ def encode(prob: np.ndarray, dtype: str) -> np.ndarray:
     """Probabilities in [0, 1] to the stored dtype (uint8 = round(255 P)).
 
     float32 to float16 goes through torch: the same round-to-nearest-even values as NumPy's
-    ``astype``, ~30x faster (NumPy converts element by element in software): 1 ms instead of
-    25 ms for a 2,048² block, a tenth of the student's forward pass over it.
+    ``astype``, ~20x faster (NumPy converts element by element in software): 1.6 ms instead of
+    32 ms for a 2,048² block (``bench/map_encoding.py``), a tenth of the student's forward pass over it.
     """
     if dtype == "uint8":
         return np.clip(np.rint(prob * 255.0), 0, 255).astype(np.uint8)
