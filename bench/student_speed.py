@@ -1,6 +1,6 @@
 """Whole-slide speed of the default student against the paper's default (5-fold ensemble, stride 2), in one run.
 
-Four measurements, all on ``shared/data/slides/cmu-1-small-region.svs`` (2220 x 2967 px at 0.499 µm/px):
+Five measurements, all on ``shared/data/slides/cmu-1-small-region.svs`` (2220 x 2967 px at 0.499 µm/px):
 
 1. **Throughput ratio** (one LocalCluster, warm against warm: a warm-up run of each model comes first and
    is not counted, every run writes a fresh output folder): the teacher's ``detect`` on a region, the
@@ -14,10 +14,13 @@ Four measurements, all on ``shared/data/slides/cmu-1-small-region.svs`` (2220 x 
    same input pixels in this process (same thread count as the cluster's workers together), twice: over the
    whole map stage (per-slide work included: stain check, stain map, colour statistics, publishing) and over
    the span of its ``infer`` tasks (the blocks themselves).
+5. **Engine against the bare network on the same blocks** (the issue's ratio), interleaved: each round an
+   engine map run on a fresh output, then the bare forward over exactly the windows its ``infer`` tasks read;
+   the ratio of each round, then their median and range (:func:`engine_against_bare`).
 
 Usage::
 
-    .venv/bin/python bench/student_speed.py [--repeats 2] [--teacher-region 800,1100,64,64] [--workers 2]
+    .venv/bin/python bench/student_speed.py [--repeats 2] [--rounds 5] [--teacher-region 800,1100,64,64] [--workers 2]
 """
 
 from __future__ import annotations
@@ -100,36 +103,38 @@ def end_to_end(repeats: int, tmp: Path) -> list[dict]:
     return runs
 
 
-def granularity(client, workers: int, tmp: Path, repeats: int, blocks=(512, 1024, FAST_BLOCK_PX, 4096)) -> list[dict]:
-    """The student's map stage at each block size, block sizes interleaved, each run on a fresh output.
+def map_run(client, workers: int, out: Path, block: int) -> dict:
+    """One ``run_probmaps`` of the slide on a fresh output: its wall time and the span of its ``infer`` tasks.
 
-    Two times per run: the whole ``run_probmaps`` (per-slide work included: opening the slide, the stain check and
-    stain map, the colour statistics, publishing the map) and the span of its ``infer`` tasks alone (first start to
-    last end, from the scheduler's task stream), the engine's rate on the blocks themselves.
+    Two times: the whole ``run_probmaps`` (per-slide work included: opening the slide, the stain check and
+    stain map, the colour statistics, publishing the map) and the span of its ``infer`` tasks alone (first
+    start to last end, from the scheduler's task stream), the engine's time on the blocks themselves.
     """
+    params = ProbmapParams(chunk_px=512, block_px=block, torch_threads=torch_threads_per_worker(workers))
+    start = time.perf_counter()
+    with get_task_stream(client) as stream:
+        [result] = run_probmaps(client, [SLIDE], out, params=params, progress=False, log=lambda _: None)
+    wall = time.perf_counter() - start
+    spans = [(part["start"], part["stop"]) for task in stream.data
+             if str(task["key"][0] if isinstance(task["key"], tuple) else task["key"]).startswith("infer")
+             for part in task["startstops"] if part["action"] == "compute"]
+    return {"map_wall_s": wall, "infer_span_s": max(stop for _, stop in spans) - min(begin for begin, _ in spans),
+            "task_s_sum": result.seconds.get("infer_task_sum"), "tasks": result.blocks_total - result.blocks_skipped,
+            "blocks_total": result.blocks_total, "map_path": out / SLIDE.stem / "prob.zarr"}
+
+
+def granularity(client, workers: int, tmp: Path, repeats: int, blocks=(512, 1024, FAST_BLOCK_PX, 4096)) -> list[dict]:
+    """The student's map stage at each block size (:func:`map_run`), block sizes interleaved, fresh outputs."""
     runs: dict[int, list[dict]] = {block: [] for block in blocks}
     for k in range(repeats):
         for block in blocks:
-            params = ProbmapParams(chunk_px=512, block_px=block, torch_threads=torch_threads_per_worker(workers))
-            start = time.perf_counter()
-            with get_task_stream(client) as stream:
-                [result] = run_probmaps(client, [SLIDE], tmp / f"grain-{block}-{k}", params=params, progress=False,
-                                        log=lambda _: None)
-            wall = time.perf_counter() - start
-            spans = [(part["start"], part["stop"]) for task in stream.data
-                     if str(task["key"][0] if isinstance(task["key"], tuple) else task["key"]).startswith("infer")
-                     for part in task["startstops"] if part["action"] == "compute"]
-            infer_span = max(stop for _, stop in spans) - min(begin for begin, _ in spans)
-            runs[block].append({"map_wall_s": wall, "infer_span_s": infer_span,
-                                "task_s_sum": result.seconds.get("infer_task_sum"),
-                                "tasks": result.blocks_total - result.blocks_skipped,
-                                "blocks_total": result.blocks_total})
-            print(f"block {block} run {k + 1}: {runs[block][-1]['tasks']} infer tasks, map {wall:.1f} s, "
-                  f"infer tasks {infer_span:.1f} s")
+            runs[block].append(map_run(client, workers, tmp / f"grain-{block}-{k}", block))
+            print(f"block {block} run {k + 1}: {runs[block][-1]['tasks']} infer tasks, map "
+                  f"{runs[block][-1]['map_wall_s']:.1f} s, infer tasks {runs[block][-1]['infer_span_s']:.1f} s")
     rows = []
     for block, block_runs in runs.items():
         rows.append({"block_px": block, "tasks": block_runs[0]["tasks"], "blocks_total": block_runs[0]["blocks_total"],
-                     "map_path": tmp / f"grain-{block}-0" / SLIDE.stem / "prob.zarr",
+                     "map_path": block_runs[0]["map_path"],
                      **{key: [round(run[key], 2) for run in block_runs]
                         for key in ("map_wall_s", "infer_span_s", "task_s_sum")}})
     return rows
@@ -155,13 +160,8 @@ def bare_forward(threads: int) -> dict:
     return {"px": px, "seconds": times, "px_per_s": px / min(times)}
 
 
-def bare_forward_on_blocks(threads: int, map_path: Path, repeats: int = 3) -> dict:
-    """The student's forward over exactly the windows a map's ``infer`` tasks read (each block and its halo).
-
-    The issue's reference for the engine ("the bare student forward on the same blocks"): the same input pixels
-    as the engine's blocks, already in memory, two threads in this process; no colour transform, reading,
-    resampling or writing.  Warm-up excluded; the fastest of ``repeats`` passes over all blocks.
-    """
+def block_windows(map_path: Path) -> tuple[list, list[np.ndarray]]:
+    """The student's members and exactly the input windows a map's ``infer`` tasks read (each block and its halo)."""
     model = load_model(DEFAULT_MODEL)
     members = [(net.to(memory_format=torch.channels_last), mean) for net, mean in model.members]
     info = open_slide(SLIDE)
@@ -173,15 +173,41 @@ def bare_forward_on_blocks(threads: int, map_path: Path, repeats: int = 3) -> di
         r1, c1 = min(r1, prob.shape[0]), min(c1, prob.shape[1])  # the last row and column of blocks are cut
         windows.append(read_frame_window(info, frame, np.arange(r0 // up - halo, -(-r1 // up) + halo),
                                          np.arange(c0 // up - halo, -(-c1 // up) + halo)))
+    return members, windows
+
+
+def bare_pass(members: list, windows: list[np.ndarray], threads: int) -> float:
+    """Seconds of the student's bare forward over every window, ``threads`` threads in this process."""
     torch.set_num_threads(threads)
-    subpixel_probabilities(members, windows[0])  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for window in windows:
-            subpixel_probabilities(members, window)
-        times.append(time.perf_counter() - start)
-    return {"blocks": len(windows), "seconds": [round(t, 3) for t in times], "fastest_s": min(times)}
+    start = time.perf_counter()
+    for window in windows:
+        subpixel_probabilities(members, window)
+    return time.perf_counter() - start
+
+
+def engine_against_bare(client, workers: int, tmp: Path, rounds: int) -> dict:
+    """The issue's ratio, interleaved: each round an engine map run, then the bare forward over the same blocks.
+
+    The reference is "the bare student forward on the same blocks": the windows the map's ``infer`` tasks
+    read, already in memory, ``workers`` threads in this process (the cores the workers use together); no
+    colour transform, reading, resampling or writing.  This machine's speed drifts by tens of per cent within
+    minutes, so each round's engine run is divided by the bare pass right after it, and the rounds' ratios are
+    reported; a warm-up of each comes first and is not counted.
+    """
+    first = map_run(client, workers, tmp / "pair-warm", FAST_BLOCK_PX)
+    members, windows = block_windows(first["map_path"])
+    bare_pass(members, windows[:2], workers)  # warm-up
+    rows = []
+    for k in range(rounds):
+        engine = map_run(client, workers, tmp / f"pair-{k}", FAST_BLOCK_PX)
+        bare_s = bare_pass(members, windows, workers)
+        rows.append({"infer_span_s": round(engine["infer_span_s"], 2), "map_wall_s": round(engine["map_wall_s"], 2),
+                     "bare_s": round(bare_s, 2), "ratio": round(bare_s / engine["infer_span_s"], 3)})
+        print(f"round {k + 1}: infer tasks {engine['infer_span_s']:.2f} s, bare forward on the same "
+              f"{len(windows)} blocks {bare_s:.2f} s, engine / bare {rows[-1]['ratio']:.2f}")
+    ratios = [row["ratio"] for row in rows]
+    return {"blocks": len(windows), "rounds": rows, "median": statistics.median(ratios),
+            "range": [min(ratios), max(ratios)]}
 
 
 def main() -> None:
@@ -192,7 +218,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--teacher-region", default="800,1100,64,64")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["throughput", "end-to-end", "granularity", "bare"])
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["throughput", "end-to-end", "granularity", "bare", "same-blocks"])
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of engine run + bare forward on its blocks")
     parser.add_argument("--blocks", type=int, nargs="+", default=[512, 1024, FAST_BLOCK_PX, 4096],
                         help="block sizes of the granularity runs (model-frame px)")
     parser.add_argument("--json", type=Path, default=None)
@@ -212,14 +240,8 @@ def main() -> None:
                 report["throughput"] = throughput(client, args.workers, args.repeats, region, tmp)
             if "granularity" not in args.skip:
                 report["granularity"] = granularity(client, args.workers, tmp, args.repeats, args.blocks)
-        if "granularity" in report and "bare" not in args.skip:
-            # The infer tasks of the default block size against the bare forward over the very same blocks.
-            row = next(row for row in report["granularity"] if row["block_px"] == FAST_BLOCK_PX)
-            same = report["bare_same_blocks"] = bare_forward_on_blocks(args.workers, row["map_path"])
-            report["engine_over_bare_same_blocks"] = {
-                "median": round(same["fastest_s"] / statistics.median(row["infer_span_s"]), 3),
-                "range": [round(same["fastest_s"] / max(row["infer_span_s"]), 3),
-                          round(same["fastest_s"] / min(row["infer_span_s"]), 3)]}
+            if "same-blocks" not in args.skip:
+                report["engine_over_bare_same_blocks"] = engine_against_bare(client, args.workers, tmp, args.rounds)
     if "bare_forward" in report and "granularity" in report:
         bare_rate = report["bare_forward"]["px_per_s"]
         report["engine_over_bare"] = {}

@@ -32,6 +32,25 @@ def test_windows_equal_whole_resize_and_match_pillow_inside():
     assert index.min() >= 0 and index.max() < 41
 
 
+def test_scale_one_copies_the_pixels_and_downsampling_drops_only_zero_taps():
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 256, (30, 20, 3), dtype=np.uint8)
+    rows, cols = np.arange(-2, 32), np.arange(5, 22)
+    copy = resize_window(image[0:30, 4:20], (0, 4), (30, 20), rows, cols, 1.0)
+    np.testing.assert_array_equal(copy, image[symmetric_index(rows, 30)][:, symmetric_index(cols, 20)])
+    assert copy.dtype == np.float32
+    # Near scale 1 (a 0.499 µm/px scan read at 0.5) every tap, zero-weighted ones included, gives the same sums.
+    scale = 0.998
+    out = resize_window(image, (0, 0), (30, 20), np.arange(29), np.arange(19), scale)
+    row_index, row_weight = cubic_taps(np.arange(29), scale, 30)
+    col_index, col_weight = cubic_taps(np.arange(19), scale, 20)
+    assert (row_weight == 0).all(axis=0).any()  # some taps never count
+    data = image.astype(np.float64)
+    dense = np.einsum("rk,rkwc->rwc", row_weight, data[row_index])
+    dense = np.einsum("ck,rckd->rcd", col_weight, dense[:, col_index])
+    np.testing.assert_allclose(out, dense, rtol=0, atol=1e-3)
+
+
 def test_stride_interpolation_is_independent_of_the_block_layout():
     rng = np.random.default_rng(2)
     rows, cols, stride = 53, 47, 4

@@ -8,11 +8,11 @@ import torch
 from conftest import CROPS, SLIDES
 
 from wsi_lymph.detection.inference import slide_window_reader, window_probabilities
-from wsi_lymph.detection.stain import ReinhardTransform, lab_statistics
+from wsi_lymph.detection.stain import LabStatistics, ReinhardTransform, lab_statistics, reference_reinhard
 from wsi_lymph.models.architectures import STUDENT_ARCH, SUBPIXEL, architecture, architecture_of
 from wsi_lymph.models.networks import STUDENT_UPSCALE, SubpixelStudentNet
 from wsi_lymph.slides.frame import choose_frame, coarser_frame, read_frame_window
-from wsi_lymph.slides.reader import open_slide
+from wsi_lymph.slides.reader import open_slide, read_region
 
 pytestmark = pytest.mark.shared_data
 
@@ -92,6 +92,25 @@ def test_reinhard_moves_an_image_to_the_reference_statistics_pixel_by_pixel():
     # Per-pixel: a crop of the transformed image is the transform of the crop.
     np.testing.assert_array_equal(transform(shifted[10:40, 20:70]), out[10:40, 20:70])
     assert source != after
+
+
+def test_the_fast_reinhard_path_equals_scikit_images_conversions():
+    """The per-pixel path every block takes against the definition by ``rgb2lab`` / ``lab2rgb`` in float64."""
+    import tifffile
+
+    reference = lab_statistics(tifffile.imread(CROPS / "example_1.tif"))
+    rng = np.random.default_rng(7)
+    every_colour = rng.integers(0, 256, (1000, 1000, 3), dtype=np.uint8)
+    slide = read_region(open_slide(SLIDES / "cmu-1-small-region.svs"), 0, 300, 900, 700, 500)
+    # A strong shift (dark, saturated: many colours leave the gamut and are clipped) and the slide's own.
+    for source in (LabStatistics((45.0, 35.0, -30.0), (25.0, 15.0, 12.0)), lab_statistics(slide)):
+        transform = ReinhardTransform(source, reference)
+        for rgb in (every_colour, slide):
+            fast, definition = transform(rgb), reference_reinhard(rgb, source, reference)
+            assert fast.dtype == np.uint8 and fast.shape == rgb.shape
+            difference = np.abs(fast.astype(int) - definition)
+            assert difference.max() <= 1  # float32 against float64 rounding, at a level's boundary
+            assert (difference > 0).mean() < 1e-4
 
 
 def test_the_paper_stain_reference_is_that_of_the_annotated_crops():
