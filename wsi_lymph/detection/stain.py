@@ -121,7 +121,7 @@ class _ReinhardTables:
         white = xyz_tristimulus_values(illuminant="D65", observer="2", dtype=np.float64)
         self.to_linear = _srgb_to_linear(np.arange(256) / 255.0).astype(np.float32)
         self.rgb_to_xyz_white = (xyz_from_rgb / white[:, None]).T.astype(np.float32)  # rows: pixels
-        # lab = LAB_FROM_F @ f + LAB_OFFSET; Reinhard: lab' = gain (lab - mean_source) + mean_reference.
+        # lab = lab_from_f @ f + lab_offset; Reinhard: lab' = gain (lab - mean_source) + mean_reference.
         lab_from_f = np.array([[0.0, 116.0, 0.0], [500.0, -500.0, 0.0], [0.0, 200.0, -200.0]])
         lab_offset = np.array([-16.0, 0.0, 0.0])
         gain = np.diag(np.asarray(reference.std) / np.maximum(np.asarray(source.std), _MIN_STD))
