@@ -140,10 +140,14 @@ def granularity(client, workers: int, tmp: Path, repeats: int, blocks=(512, 1024
     return rows
 
 
+def student_members() -> list:
+    """The default student's members in eval mode, channels_last (as the engine runs them)."""
+    return [(net.to(memory_format=torch.channels_last), mean) for net, mean in load_model(DEFAULT_MODEL).members]
+
+
 def bare_forward(threads: int) -> dict:
     """The student's forward pass over every input pixel of the slide, in-process, input already in memory."""
-    model = load_model(DEFAULT_MODEL)
-    members = [(net.to(memory_format=torch.channels_last), mean) for net, mean in model.members]
+    members = student_members()
     info = open_slide(SLIDE)
     frame = coarser_frame(choose_frame(info), 4)
     halo = members[0][0].halo_px
@@ -162,8 +166,7 @@ def bare_forward(threads: int) -> dict:
 
 def block_windows(map_path: Path) -> tuple[list, list[np.ndarray]]:
     """The student's members and exactly the input windows a map's ``infer`` tasks read (each block and its halo)."""
-    model = load_model(DEFAULT_MODEL)
-    members = [(net.to(memory_format=torch.channels_last), mean) for net, mean in model.members]
+    members = student_members()
     info = open_slide(SLIDE)
     frame = coarser_frame(choose_frame(info), STUDENT_UPSCALE)
     halo, up = members[0][0].halo_px, STUDENT_UPSCALE

@@ -92,6 +92,11 @@ def slide_lab_statistics(info: SlideInfo, level_mpp: float = STATISTICS_MPP) -> 
     return lab_statistics(rgb[::step, ::step])
 
 
+def _reinhard_gain(source: LabStatistics, reference: LabStatistics) -> np.ndarray:
+    """Per-channel gain std_reference / std_source (a nearly uniform source channel is not stretched)."""
+    return np.asarray(reference.std) / np.maximum(np.asarray(source.std), _MIN_STD)
+
+
 def _srgb_to_linear(values: np.ndarray) -> np.ndarray:
     """sRGB companding undone (IEC 61966-2-1, as scikit-image's ``rgb2xyz``), values in [0, 1]."""
     return np.where(values > 0.04045, ((values + 0.055) / 1.055) ** 2.4, values / 12.92)
@@ -124,7 +129,7 @@ class _ReinhardTables:
         # lab = lab_from_f @ f + lab_offset; Reinhard: lab' = gain (lab - mean_source) + mean_reference.
         lab_from_f = np.array([[0.0, 116.0, 0.0], [500.0, -500.0, 0.0], [0.0, 200.0, -200.0]])
         lab_offset = np.array([-16.0, 0.0, 0.0])
-        gain = np.diag(np.asarray(reference.std) / np.maximum(np.asarray(source.std), _MIN_STD))
+        gain = np.diag(_reinhard_gain(source, reference))
         f_from_lab = np.linalg.inv(lab_from_f)
         self.f_matrix = (f_from_lab @ gain @ lab_from_f).T.astype(np.float32)
         self.f_offset = (f_from_lab @ (gain @ (lab_offset - np.asarray(source.mean)) + np.asarray(reference.mean)
@@ -198,7 +203,7 @@ def reference_reinhard(rgb: np.ndarray, source: LabStatistics, reference: LabSta
     :class:`ReinhardTransform` computes the same in a fraction of the time; the tests compare the two.
     """
     lab = rgb2lab(np.asarray(rgb, dtype=np.uint8))
-    gain = np.asarray(reference.std) / np.maximum(np.asarray(source.std), _MIN_STD)
+    gain = _reinhard_gain(source, reference)
     with warnings.catch_warnings():
         # Out-of-gamut colours are clipped by lab2rgb, which says so each time; clipping is what we want.
         warnings.simplefilter("ignore", UserWarning)
