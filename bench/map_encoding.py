@@ -3,8 +3,8 @@
 A 2,048² model-frame block of CMU-1 is computed once by the student; then, alternating over ``--repeats``:
 the float32 -> float16 conversion by NumPy's ``astype`` and by ``probmap_store.encode`` (torch), and
 ``probmap_store.write_block`` into a fresh Zarr map of 512² chunks with LZ4 byte-shuffle, LZ4 bit-shuffle (the
-engine's) and no compression.  Printed: median and range of each (first repeat excluded), bytes per block, and
-whether both conversions give the same bits.
+engine's) and no compression, and of 1,024² chunks with LZ4 bit-shuffle.  Printed: median and range of each
+(first repeat excluded), bytes per block, and whether both conversions give the same bits.
 
 Usage::
 
@@ -34,7 +34,9 @@ from wsi_lymph.slides.frame import choose_frame
 from wsi_lymph.slides.reader import open_slide
 
 SLIDE = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides" / "cmu-1-small-region.svs"
-CODECS = {"lz4 byte-shuffle": "shuffle", "lz4 bit-shuffle (the engine's)": "bitshuffle", "uncompressed": None}
+#: Written layouts: name -> (Blosc shuffle or None for no compression, chunk edge in px).
+LAYOUTS = {"lz4 byte-shuffle": ("shuffle", 512), "lz4 bit-shuffle (the engine's)": ("bitshuffle", 512),
+           "uncompressed": (None, 512), "lz4 bit-shuffle, 1,024² chunks": ("bitshuffle", 1024)}
 
 
 def main() -> None:
@@ -54,11 +56,11 @@ def main() -> None:
                 start = time.perf_counter()
                 convert()
                 times.setdefault(name, []).append(time.perf_counter() - start)
-            for name, shuffle in CODECS.items():
+            for name, (shuffle, chunk_px) in LAYOUTS.items():
                 store = Path(tmp) / "map.zarr"
                 compressors = None if shuffle is None else [BloscCodec(cname="lz4", clevel=5, shuffle=shuffle,
                                                                        typesize=2)]
-                zarr.create_array(str(store), shape=(2048, 2048), chunks=(512, 512), dtype="float16",
+                zarr.create_array(str(store), shape=(2048, 2048), chunks=(chunk_px, chunk_px), dtype="float16",
                                   compressors=compressors, fill_value=0)
                 start = time.perf_counter()
                 write_block(store, (0, 2048, 0, 2048), (0, 0), prob, "float16")
