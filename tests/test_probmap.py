@@ -21,7 +21,7 @@ from wsi_lymph.detection.peaks import detect_centers
 from wsi_lymph.engine.batch import run_probmaps
 from wsi_lymph.engine.centres import find_centres, plan_peaks
 from wsi_lymph.engine.params import ProbmapParams
-from wsi_lymph.io.probmap_store import encode, open_probmap
+from wsi_lymph.io.probmap_store import create_partial_store, encode, open_probmap, write_block
 from wsi_lymph.models.checkpoints import load_checkpoint
 from wsi_lymph.models.registry import resolve_model
 
@@ -201,6 +201,18 @@ def test_float16_encoding_rounds_as_numpy_does():
         np.testing.assert_array_equal(encode(values, "float16").view(np.uint16),
                                       values.astype(np.float16).view(np.uint16))
 
+
+
+def test_a_block_writes_every_chunk_without_comparing_it_to_the_fill_value(tmp_path):
+    """``write_block`` stores each chunk of its block, even one equal to the fill value (no per-chunk compare)."""
+    store = tmp_path / "prob.zarr"
+    create_partial_store(store, [(0, 32, 0, 32), (32, 64, 32, 64)], (0, 0), 32, "float16", {})
+    prob = np.zeros((64, 64), dtype=np.float32)
+    prob[:32, :32] = 0.5  # one chunk with values, three equal to the fill value 0
+    write_block(store, (0, 64, 0, 64), (0, 0), prob, "float16")
+    chunk_files = sorted(path.relative_to(store / "c").as_posix() for path in (store / "c").rglob("*") if path.is_file())
+    assert chunk_files == ["0/0", "0/1", "1/0", "1/1"]
+    np.testing.assert_array_equal(zarr.open_array(store, mode="r")[:], prob.astype(np.float16))
 
 @pytest.mark.shared_data
 def test_uint8_storage_is_within_one_step(client, crop_maps, tmp_path):
