@@ -3,8 +3,9 @@
 A warm-up block is computed first (model load, first-call set-up) and not profiled; the profiled block is the next
 one, written into a fresh Zarr map, with the Reinhard transform of a synthetic slide's statistics applied.  Prints
 the functions by internal time and the block's wall time, then times the colour transform on the block's own
-pixels three ways in this process, alternating (median and range of 15): the engine's per-pixel path
-(:class:`~wsi_lymph.detection.stain.ReinhardTransform`), the path it replaced (scikit-image's conversions on
+pixels four ways in this process, alternating (median and range of 15): the engine's path
+(:class:`~wsi_lymph.detection.stain.ReinhardTransform`) once the block's colours are in the worker's table and
+with each pixel computed (a block of colours not met before), the path it replaced (scikit-image's conversions on
 float32) and the definition (:func:`~wsi_lymph.detection.stain.reference_reinhard`, float64).
 
 Usage::
@@ -27,7 +28,7 @@ import torch
 from skimage.color import lab2rgb, rgb2lab
 
 from wsi_lymph.constants import DEFAULT_MODEL, PAPER_STAIN_REFERENCE
-from wsi_lymph.detection.stain import LabStatistics, ReinhardTransform, reference_reinhard
+from wsi_lymph.detection.stain import LabStatistics, ReinhardTransform, _tables, reference_reinhard
 from wsi_lymph.engine.batch import infer_block
 from wsi_lymph.engine.params import ProbmapParams
 from wsi_lymph.io.probmap_store import create_partial_store
@@ -69,7 +70,10 @@ def main() -> None:
         print(f"block {boxes[1]}: {time.perf_counter() - start:.3f} s")
     pstats.Stats(profile).sort_stats("tottime").print_stats(16)
     rgb = read_region(info, frame.level, 0, 512, 532, 532)  # the level pixels of about one block and its halo
-    ways = {"engine path": transform,
+    tables = _tables(transform.source, transform.reference)
+    ways = {"engine path, colours already in the worker's table": transform,
+            "engine path, each pixel computed (a block of new colours)":
+                lambda x: tables.compute(x.reshape(-1, 3)).reshape(x.shape),
             "scikit-image float32 (the engine's path before)": lambda x: _skimage_float32(transform, x),
             "scikit-image float64 (the definition)": lambda x: reference_reinhard(x, transform.source,
                                                                                   transform.reference)}

@@ -210,7 +210,7 @@ def test_a_block_writes_every_chunk_without_comparing_it_to_the_fill_value(tmp_p
     prob = np.zeros((64, 64), dtype=np.float32)
     prob[:32, :32] = 0.5  # one chunk with values, three equal to the fill value 0
     write_block(store, (0, 64, 0, 64), (0, 0), prob, "float16")
-    chunk_files = sorted(path.relative_to(store / "c").as_posix() for path in (store / "c").rglob("*") if path.is_file())
+    chunk_files = sorted(p.relative_to(store / "c").as_posix() for p in (store / "c").rglob("*") if p.is_file())
     assert chunk_files == ["0/0", "0/1", "1/0", "1/1"]
     np.testing.assert_array_equal(zarr.open_array(store, mode="r")[:], prob.astype(np.float16))
 

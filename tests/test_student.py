@@ -113,6 +113,24 @@ def test_the_fast_reinhard_path_equals_scikit_images_conversions():
             assert (difference > 0).mean() < 1e-4
 
 
+
+def test_the_colour_table_returns_each_colour_as_computed_whichever_block_met_it_first():
+    """A worker remembers each colour's result; looked up or computed, every block gets the same pixels."""
+    import pickle
+
+    from wsi_lymph.detection.stain import _tables
+
+    slide = read_region(open_slide(SLIDES / "cmu-1-small-region.svs"), 0, 300, 900, 700, 500)
+    blocks = [slide[:300, :400], slide[200:, 300:], slide[:300, :400], slide]  # overlapping, one repeated
+    for source in (lab_statistics(slide), LabStatistics((45.0, 35.0, -30.0), (25.0, 15.0, 12.0))):
+        transform = pickle.loads(pickle.dumps(ReinhardTransform(source, lab_statistics(slide[:100]))))
+        tables = _tables(transform.source, transform.reference)
+        for rgb in blocks:
+            computed = tables.compute(rgb.reshape(-1, 3)).reshape(rgb.shape)
+            np.testing.assert_array_equal(transform(rgb), computed)
+        known = tables.known[tables.known != 0].view(np.uint8).reshape(-1, 4)
+        assert len(known) == len(np.unique(slide.reshape(-1, 3), axis=0)) and np.all(known[:, 3] == 1)
+
 def test_the_paper_stain_reference_is_that_of_the_annotated_crops():
     from wsi_lymph.constants import PAPER_STAIN_REFERENCE
     from wsi_lymph.training.distill import reference_statistics

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass
-from functools import cached_property
+from functools import lru_cache
 
 import numpy as np
 from skimage.color import lab2rgb, rgb2lab
@@ -45,12 +45,17 @@ class LabStatistics:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
+    def __post_init__(self) -> None:
+        # Tuples of floats whatever was given: the statistics are hashed (per-worker colour tables).
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+
     def as_dict(self) -> dict:
         return {"mean": list(self.mean), "std": list(self.std)}
 
     @classmethod
     def from_dict(cls, values: dict) -> LabStatistics:
-        return cls(tuple(float(v) for v in values["mean"]), tuple(float(v) for v in values["std"]))
+        return cls(values["mean"], values["std"])
 
 
 def lab_statistics(rgb: np.ndarray, mask: np.ndarray | None = None) -> LabStatistics:
@@ -118,6 +123,10 @@ class _ReinhardTables:
       the linear value with the 255 level boundaries, located through a table of 8,192 bins of which
       none holds more than one boundary (the narrowest gap between boundaries is 1 / (255 x 12.92)
       ~ 3.0e-4 > 1 / 8,192).
+
+    Each colour's result is then kept in a table of all 2^24 colours: an H&E slide holds about a million
+    distinct colours (951,117 in CMU-1's 6.6 million pixels), so after the first blocks most of a block's pixels
+    are looked up, not computed (``bench/worker_stages.py`` times the transform inside the workers).
     """
 
     BINS = 8192
@@ -145,9 +154,28 @@ class _ReinhardTables:
         inside[has_next] = boundaries[first_above[has_next]]
         inside[inside >= edges + 1.0 / self.BINS] = np.inf  # the next boundary lies beyond this bin
         self.boundary_in_bin = inside.astype(np.float32)
+        # Every 24-bit colour's result once computed, as bytes (R', G', B', 1); 0 = not yet.  64 MiB of
+        # address space, of which only the pages of colours met are ever touched (calloc'd lazily).
+        self.known = np.zeros(1 << 24, dtype=np.uint32)
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
-        lin = self.to_linear[rgb.reshape(-1, 3)]
+        """Normalised uint8 RGB of uint8 RGB pixels (any leading shape, last axis 3), colours looked up first."""
+        flat = rgb.reshape(-1, 3)
+        key = (flat[:, 0].astype(np.uint32) << 16) | (flat[:, 1].astype(np.uint32) << 8) | flat[:, 2]
+        found = self.known[key]
+        new = found == 0
+        if new.any():
+            key_new = key[new]
+            entries = np.zeros((key_new.size, 4), dtype=np.uint8)
+            entries[:, :3] = self.compute(flat[new])
+            entries[:, 3] = 1  # never 0: marks the colour as known
+            # Tasks of one worker may fill the table at once; each writes the same value for the same colour.
+            self.known[key_new] = found[new] = entries.view(np.uint32)[:, 0]
+        return np.ascontiguousarray(found.view(np.uint8).reshape(-1, 4)[:, :3]).reshape(rgb.shape)
+
+    def compute(self, rgb: np.ndarray) -> np.ndarray:
+        """The transform of (n, 3) uint8 RGB pixels, each computed."""
+        lin = self.to_linear[rgb]
         t = lin @ self.rgb_to_xyz_white  # >= 0: linear RGB and the matrix are non-negative
         # Each piecewise function's second piece (near black) is rare in tissue: computed where needed only.
         f = np.power(t, np.float32(1.0 / 3.0))
@@ -164,7 +192,14 @@ class _ReinhardTables:
         np.clip(lin, 0.0, np.float32(1.0 - 1e-7), out=lin)  # lab2rgb clips to [0, 1]; keep bins < BINS
         bins = (lin * np.float32(self.BINS)).astype(np.intp)
         levels = self.level_at_edge[bins] + (lin >= self.boundary_in_bin[bins])
-        return levels.astype(np.uint8).reshape(rgb.shape)
+        return levels.astype(np.uint8)
+
+
+@lru_cache(maxsize=2)
+def _tables(source: LabStatistics, reference: LabStatistics) -> _ReinhardTables:
+    # One per worker process and slide: tasks carry only the statistics, and the colour table fills up
+    # as the worker's blocks go by.
+    return _ReinhardTables(source, reference)
 
 
 @dataclass(frozen=True)
@@ -174,24 +209,17 @@ class ReinhardTransform:
     source: LabStatistics
     reference: LabStatistics
 
-    @cached_property
-    def _tables(self) -> _ReinhardTables:
-        return _ReinhardTables(self.source, self.reference)
-
-    def __getstate__(self) -> dict:
-        # Tasks carry the statistics only (~100 bytes); each worker builds the tables on first use.
-        return {key: value for key, value in self.__dict__.items() if key != "_tables"}
-
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         """Normalised uint8 RGB of uint8 RGB pixels (any leading shape, last axis 3).
 
         scikit-image's colour conversions (:func:`reference_reinhard`) computed in float32 with the
-        constants folded (:class:`_ReinhardTables`): 27 ms for a 532² window against 91 ms for
-        scikit-image's own conversions on float32 (``bench/student_block_profile.py``).  The result
-        differs from the float64 definition by 1 in ~1 of 1,000,000 slide values (~2 of 100,000 over
-        arbitrary colours), where a value falls within float32 rounding of a level's boundary.
+        constants folded, each colour once per process (:class:`_ReinhardTables`): 27 ms for a new 532²
+        window against 91 ms for scikit-image's own conversions on float32
+        (``bench/student_block_profile.py``), less once its colours have been met.  The result differs
+        from the float64 definition by 1 in ~1 of 1,000,000 slide values (~2 of 100,000 over arbitrary
+        colours), where a value falls within float32 rounding of a level's boundary.
         """
-        return self._tables(np.asarray(rgb, dtype=np.uint8))
+        return _tables(self.source, self.reference)(np.asarray(rgb, dtype=np.uint8))
 
     def as_dict(self) -> dict:
         return {"method": "reinhard", **{k: LabStatistics(**v).as_dict() for k, v in asdict(self).items()}}
