@@ -103,6 +103,13 @@ def end_to_end(repeats: int, tmp: Path) -> list[dict]:
     return runs
 
 
+def new_slide() -> None:
+    """On a worker: forget the colour tables, so that a run starts as a new slide does."""
+    import wsi_lymph.detection.stain as stain
+
+    getattr(stain, "forget_colour_tables", lambda: None)()  # libraries before the tables have none to forget
+
+
 def map_run(client, workers: int, out: Path, block: int) -> dict:
     """One ``run_probmaps`` of the slide on a fresh output: its wall time and the span of its ``infer`` tasks.
 
@@ -111,6 +118,7 @@ def map_run(client, workers: int, out: Path, block: int) -> dict:
     start to last end, from the scheduler's task stream), the engine's time on the blocks themselves.
     """
     params = ProbmapParams(chunk_px=512, block_px=block, torch_threads=torch_threads_per_worker(workers))
+    client.run(new_slide)
     start = time.perf_counter()
     with get_task_stream(client) as stream:
         [result] = run_probmaps(client, [SLIDE], out, params=params, progress=False, log=lambda _: None)

@@ -202,6 +202,11 @@ def _tables(source: LabStatistics, reference: LabStatistics) -> _ReinhardTables:
     return _ReinhardTables(source, reference)
 
 
+def forget_colour_tables() -> None:
+    """Drop this process's colour tables, as if no slide had been normalised yet (benchmarks start runs so)."""
+    _tables.cache_clear()
+
+
 @dataclass(frozen=True)
 class ReinhardTransform:
     """The per-pixel map from a slide's colour statistics to a reference's (apply with ``transform(rgb)``)."""
