@@ -69,6 +69,9 @@ def main() -> None:
         profile.disable()
         print(f"block {boxes[1]}: {time.perf_counter() - start:.3f} s")
     pstats.Stats(profile).sort_stats("tottime").print_stats(16)
+    level = read_region(info, frame.level, 0, 0, *info.level_sizes_xy[frame.level])
+    packed = (level[..., 0].astype(np.uint32) << 16) | (level[..., 1].astype(np.uint32) << 8) | level[..., 2]
+    print(f"{SLIDE.name} level {frame.level}: {np.unique(packed).size:,} distinct colours in {packed.size:,} px")
     rgb = read_region(info, frame.level, 0, 512, 532, 532)  # the level pixels of about one block and its halo
     tables = _tables(transform.source, transform.reference)
     ways = {"engine path, colours already in the worker's table": transform,
