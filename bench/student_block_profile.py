@@ -28,7 +28,13 @@ import torch
 from skimage.color import lab2rgb, rgb2lab
 
 from wsi_lymph.constants import DEFAULT_MODEL, PAPER_STAIN_REFERENCE
-from wsi_lymph.detection.stain import LabStatistics, ReinhardTransform, _tables, reference_reinhard
+from wsi_lymph.detection.stain import (
+    LabStatistics,
+    ReinhardTransform,
+    _reinhard_gain,
+    _tables,
+    reference_reinhard,
+)
 from wsi_lymph.engine.batch import infer_block
 from wsi_lymph.engine.params import ProbmapParams
 from wsi_lymph.io.probmap_store import create_partial_store
@@ -42,7 +48,7 @@ SLIDE = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides" / "cm
 def _skimage_float32(transform: ReinhardTransform, rgb: np.ndarray) -> np.ndarray:
     """The engine's transform until 2026-12-02: scikit-image's round trip on float32 pixels."""
     lab = rgb2lab(rgb.astype(np.float32) / np.float32(255.0))
-    gain = np.asarray(transform.reference.std) / np.maximum(np.asarray(transform.source.std), 1.0)
+    gain = _reinhard_gain(transform.source, transform.reference)
     shifted = (lab - np.float32(transform.source.mean)) * gain.astype(np.float32) + np.float32(transform.reference.mean)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

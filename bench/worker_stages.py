@@ -20,13 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from student_speed import new_slide
+from student_speed import SLIDE, new_slide
 
 from wsi_lymph.engine.batch import run_probmaps
 from wsi_lymph.engine.cluster import dask_client, torch_threads_per_worker
 from wsi_lymph.engine.params import ProbmapParams
-
-SLIDE = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides" / "cmu-1-small-region.svs"
 
 
 def wrap_stages(dask_worker) -> None:

@@ -202,7 +202,6 @@ def test_float16_encoding_rounds_as_numpy_does():
                                       values.astype(np.float16).view(np.uint16))
 
 
-
 def test_a_block_writes_every_chunk_without_comparing_it_to_the_fill_value(tmp_path):
     """``write_block`` stores each chunk of its block, even one equal to the fill value (no per-chunk compare)."""
     store = tmp_path / "prob.zarr"
@@ -213,6 +212,7 @@ def test_a_block_writes_every_chunk_without_comparing_it_to_the_fill_value(tmp_p
     chunk_files = sorted(p.relative_to(store / "c").as_posix() for p in (store / "c").rglob("*") if p.is_file())
     assert chunk_files == ["0/0", "0/1", "1/0", "1/1"]
     np.testing.assert_array_equal(zarr.open_array(store, mode="r")[:], prob.astype(np.float16))
+
 
 @pytest.mark.shared_data
 def test_uint8_storage_is_within_one_step(client, crop_maps, tmp_path):

@@ -113,7 +113,6 @@ def test_the_fast_reinhard_path_equals_scikit_images_conversions():
             assert (difference > 0).mean() < 1e-4
 
 
-
 def test_the_colour_table_returns_each_colour_as_computed_whichever_block_met_it_first():
     """A worker remembers each colour's result; looked up or computed, every block gets the same pixels."""
     import pickle
@@ -130,6 +129,7 @@ def test_the_colour_table_returns_each_colour_as_computed_whichever_block_met_it
             np.testing.assert_array_equal(transform(rgb), computed)
         known = tables.known[tables.known != 0].view(np.uint8).reshape(-1, 4)
         assert len(known) == len(np.unique(slide.reshape(-1, 3), axis=0)) and np.all(known[:, 3] == 1)
+
 
 def test_the_paper_stain_reference_is_that_of_the_annotated_crops():
     from wsi_lymph.constants import PAPER_STAIN_REFERENCE
