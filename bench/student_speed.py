@@ -62,7 +62,7 @@ def _px_per_s(result, region_px: int, wall_s: float) -> float:
 
 def throughput(client, workers: int, repeats: int, teacher_region: tuple[int, int, int, int], tmp: Path) -> dict:
     threads = torch_threads_per_worker(workers)
-    student_params = ProbmapParams(chunk_px=512, block_px=2048, torch_threads=threads)
+    student_params = ProbmapParams(torch_threads=threads)  # the model's default chunks and blocks
     teacher_params = ProbmapParams(stride_px=2, region_level0=teacher_region, torch_threads=threads)
     info = open_slide(SLIDE)
     slide_px = info.level_sizes_xy[0][0] * info.level_sizes_xy[0][1]
@@ -117,7 +117,8 @@ def map_run(client, workers: int, out: Path, block: int) -> dict:
     stain map, the colour statistics, publishing the map) and the span of its ``infer`` tasks alone (first
     start to last end, from the scheduler's task stream), the engine's time on the blocks themselves.
     """
-    params = ProbmapParams(chunk_px=512, block_px=block, torch_threads=torch_threads_per_worker(workers))
+    # The model's default chunk for each block (engine/params.py, default_chunk_px).
+    params = ProbmapParams(block_px=block, torch_threads=torch_threads_per_worker(workers))
     client.run(new_slide)
     start = time.perf_counter()
     with get_task_stream(client) as stream:

@@ -77,7 +77,7 @@ def main() -> None:
         run_probmaps(client, [SLIDE], Path(tmp) / "warm", params=ProbmapParams(
             region_level0=(800, 1100, 256, 256), block_px=2048, torch_threads=threads), **quiet)
         client.run(take_seconds)
-        params = ProbmapParams(chunk_px=512, block_px=2048, torch_threads=threads)
+        params = ProbmapParams(torch_threads=threads)  # the model's default chunks and blocks
         for k in range(args.runs):
             client.run(new_slide)
             start = time.perf_counter()

@@ -214,6 +214,25 @@ def test_a_block_writes_every_chunk_without_comparing_it_to_the_fill_value(tmp_p
     np.testing.assert_array_equal(zarr.open_array(store, mode="r")[:], prob.astype(np.float16))
 
 
+def test_the_model_chooses_the_map_chunk_and_block_unless_they_are_asked_for():
+    from wsi_lymph.models.architectures import PATCHES, SUBPIXEL
+
+    def chosen(evaluation: str, **asked) -> tuple[int, int]:
+        params = ProbmapParams(**asked).for_model(evaluation)
+        return params.chunk_px, params.block_px
+
+    assert chosen(PATCHES) == (512, 512)  # one chunk per task for the paper's networks
+    assert chosen(SUBPIXEL) == (1024, 2048)  # larger chunks and tasks for a fully convolutional model
+    assert chosen(SUBPIXEL, block_px=4096) == (1024, 4096)
+    assert chosen(SUBPIXEL, block_px=1536) == (512, 1536)  # the block is written in whole chunks
+    assert chosen(SUBPIXEL, block_px=512) == (512, 512)
+    assert chosen(PATCHES, block_px=2048) == (512, 2048)
+    assert chosen(SUBPIXEL, chunk_px=256) == (256, 2048)
+    assert chosen(PATCHES, chunk_px=256, block_px=768) == (256, 768)
+    with pytest.raises(ValueError, match="multiple of chunk_px"):
+        ProbmapParams(block_px=700)  # no chunk divides it
+
+
 @pytest.mark.shared_data
 def test_uint8_storage_is_within_one_step(client, crop_maps, tmp_path):
     params = ProbmapParams(stride_px=4, dtype="uint8", chunk_px=256, block_px=256, torch_threads=1)

@@ -199,8 +199,9 @@ def test_detect_with_defaults_works_offline_on_an_empty_cache(tmp_path):
     assert summary["model"]["name"] == "wsi-lymph-student" and summary["count"] > 0
     assert summary["params"]["stain_norm"] == "auto"
     assert not (tmp_path / "empty-cache" / "models").exists()
-    attrs = json.loads((out / "cmu-1-small-region" / "prob.zarr" / "zarr.json").read_text())["attributes"]
-    assert attrs["wsi_lymph"]["stain_normalisation"]["method"] == "reinhard"
+    metadata = json.loads((out / "cmu-1-small-region" / "prob.zarr" / "zarr.json").read_text())
+    assert metadata["attributes"]["wsi_lymph"]["stain_normalisation"]["method"] == "reinhard"
+    assert metadata["chunk_grid"]["configuration"]["chunk_shape"] == [1024, 1024]  # the student's default chunks
 
 
 def test_stain_normalised_maps_are_the_same_for_any_block_layout(client, tmp_path):

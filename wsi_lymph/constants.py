@@ -35,6 +35,12 @@ PAPER_STAIN_REFERENCE = {"mean": [53.0270, 29.0621, -29.1875], "std": [15.8731, 
 
 #: The default model of ``detect``, ``probmap`` and ``demo``: the fast student shipped in the package.
 DEFAULT_MODEL = "wsi-lymph-student"
+#: Default edge of the map's Zarr chunks (model-frame px) for the paper's patch networks: one chunk is one task.
+MAP_CHUNK_PX = 512
+#: Default chunk edge (model-frame px) for fully convolutional models: at the student's speed Zarr's fixed cost per
+#: chunk written is a visible share of each task (~1 ms per chunk), and a slide's map is a quarter as many files
+#: (BENCHMARKS.md, "Map chunks for the student").  Peak blocks stay 2 x 2 chunks; the peak stage is no slower.
+FAST_CHUNK_PX = 1024
 #: Default edge of one inference task (model-frame px) for fully convolutional models: large enough that a task's
 #: fixed cost stays a few percent of its work at the student's speed (see BENCHMARKS.md, task granularity).
 FAST_BLOCK_PX = 2048

@@ -14,6 +14,8 @@ import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from wsi_lymph.constants import MAP_CHUNK_PX
+
 #: µm per pixel a slide may have: 40x is about 0.25, 20x 0.5, 10x 1; a number above 10 is a magnification or a
 #: typing slip (lymphocytes are about 7 µm across: they cannot be found at 10 µm/px).
 MPP_RANGE_UM = (0.0, 10.0)
@@ -141,10 +143,18 @@ def check_exists(path: Path, what: str, *, folder: bool | None = None) -> None:
         raise UsageError(f"{what} {path}: is a folder, a file is wanted here")
 
 
-def check_block(block_px: int | None, chunk_px: int) -> None:
-    """``--block`` is a multiple of ``--chunk`` from one chunk to :data:`BLOCK_MAX_PX`."""
-    if block_px is not None and (block_px < chunk_px or block_px % chunk_px or block_px > BLOCK_MAX_PX):
-        raise UsageError(f"--block must be a multiple of --chunk ({chunk_px}) from {chunk_px} to {BLOCK_MAX_PX} "
+def check_block(block_px: int | None, chunk_px: int | None) -> None:
+    """``--block`` is a multiple of ``--chunk`` (or, without it, of :data:`MAP_CHUNK_PX`) up to :data:`BLOCK_MAX_PX`.
+
+    Without ``--chunk`` the model chooses the chunk, the largest of its default and
+    :data:`MAP_CHUNK_PX` that divides the block (:func:`wsi_lymph.engine.params.default_chunk_px`).
+    """
+    if block_px is None:
+        return
+    chunk_option = f"--chunk ({chunk_px})" if chunk_px is not None else f"{MAP_CHUNK_PX} (without --chunk)"
+    chunk_px = chunk_px or MAP_CHUNK_PX
+    if block_px < chunk_px or block_px % chunk_px or block_px > BLOCK_MAX_PX:
+        raise UsageError(f"--block must be a multiple of {chunk_option} from {chunk_px} to {BLOCK_MAX_PX} "
                          f"model-frame px, got {block_px}")
 
 

@@ -20,8 +20,10 @@ from wsi_lymph.constants import (
     DEFAULT_MODEL,
     DENSITY_BIN_UM,
     FAST_BLOCK_PX,
+    FAST_CHUNK_PX,
     FRAME_SCALE,
     HOTSPOT_FIELD_MM2,
+    MAP_CHUNK_PX,
     PAPER_THRESHOLD,
     SOURCE_SCAN_MPP,
 )
@@ -50,8 +52,10 @@ def _add_probmap_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-skip", action="store_true", help="evaluate blocks without hematoxylin too")
     parser.add_argument("--dtype", default="float16", choices=["float16", "float32", "uint8"],
                         help="number type of the stored map (uint8: P x 255, rounded)")
-    parser.add_argument("--chunk", type=checks.integer(*checks.CHUNK_RANGE_PX), default=512,
-                        help="Zarr chunk edge, model-frame px, 32 to 8192")
+    parser.add_argument("--chunk", type=checks.integer(*checks.CHUNK_RANGE_PX), default=None,
+                        help=f"Zarr chunk edge, model-frame px, 32 to 8192 (default: {MAP_CHUNK_PX} for patch models, "
+                        f"{FAST_CHUNK_PX} for fully convolutional ones, or {MAP_CHUNK_PX} where --block is not a "
+                        f"multiple of {FAST_CHUNK_PX})")
     parser.add_argument("--block", type=checks.integer(checks.CHUNK_RANGE_PX[0], checks.BLOCK_MAX_PX), default=None,
                         help=f"inference task edge, model-frame px, a multiple of --chunk up to {checks.BLOCK_MAX_PX} "
                         f"(default: the chunk for patch models, {FAST_BLOCK_PX} for fully convolutional ones)")
@@ -161,7 +165,7 @@ def _probmap_params(args: argparse.Namespace, workers: int):
     return ProbmapParams(
         stride_px=args.stride,
         mirror=args.mirror,
-        chunk_px=args.chunk,
+        chunk_px=args.chunk,  # None: the model's default (engine/params.py, default_chunk_px)
         block_px=args.block,  # None: the model's default (engine/params.py, default_block_px)
         stain_norm=args.stain_norm,
         dtype=args.dtype,
@@ -392,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--mirror", action="store_true", help="average each patch with its horizontal mirror")
     demo.add_argument("--no-skip", action="store_true", help="evaluate blocks without hematoxylin too")
     demo.add_argument("--force", action="store_true", help="recompute a demo already finished in --out")
-    demo.set_defaults(func=cmd_demo, dtype="float16", chunk=512, block=None, batch_size=512, device=None, mpp=None,
+    demo.set_defaults(func=cmd_demo, dtype="float16", chunk=None, block=None, batch_size=512, device=None, mpp=None,
                       stain_norm="auto")
     add_cluster_options(demo)
 

@@ -977,7 +977,7 @@ def run_batch(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     params = params or ProbmapParams()
-    if params.block_px is None:
+    if params.block_px is None or params.chunk_px is None:
         params = params.for_model(architecture_of(load_model(model, source=model_source).members[0][0]).evaluation)
     batch = _Batch(client, out_dir, model, mpp, params, peaks, model_source, force, progress, log,
                    max_slides, max_blocks)

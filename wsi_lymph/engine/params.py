@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
-from wsi_lymph.constants import FAST_BLOCK_PX, HOTSPOT_FIELD_MM2
+from wsi_lymph.constants import FAST_BLOCK_PX, FAST_CHUNK_PX, HOTSPOT_FIELD_MM2, MAP_CHUNK_PX
 from wsi_lymph.detection.hematoxylin import DEFAULT_MARGIN_UM, DEFAULT_MASK_MPP, DEFAULT_THRESHOLD_OD
 from wsi_lymph.detection.peaks import PEAK_BLOCK_PX
 from wsi_lymph.detection.stain import STAIN_NORMS
@@ -28,8 +29,9 @@ class ProbmapParams:
         interpolate bilinearly in between (1 = every pixel, exact).
     mirror : bool
         Average each patch with its horizontal mirror (the original's oversampling).
-    chunk_px : int
-        Zarr chunk edge in model-frame pixels.
+    chunk_px : int or None
+        Zarr chunk edge in model-frame pixels.  None: the model's default (:func:`default_chunk_px`), chosen
+        when the batch starts.
     block_px : int or None
         Edge of one inference task in model-frame pixels; a multiple of ``chunk_px``.  None: the model's
         default (:func:`default_block_px`), chosen when the batch starts.
@@ -56,7 +58,7 @@ class ProbmapParams:
 
     stride_px: int = 1
     mirror: bool = False
-    chunk_px: int = 512
+    chunk_px: int | None = None
     block_px: int | None = None
     dtype: str = "float16"
     batch_size: int = 512
@@ -72,22 +74,38 @@ class ProbmapParams:
     def __post_init__(self) -> None:
         if self.stride_px < 1:
             raise ValueError(f"stride must be >= 1 model-frame pixel, got {self.stride_px}")
-        if self.chunk_px < 1 or (self.block_px is not None and (self.block_px < 1 or self.block_px % self.chunk_px)):
-            raise ValueError(f"block_px ({self.block_px}) must be a positive multiple of chunk_px ({self.chunk_px})")
+        if self.chunk_px is not None and self.chunk_px < 1:
+            raise ValueError(f"chunk_px must be >= 1 model-frame pixel, got {self.chunk_px}")
+        if self.block_px is not None and (self.block_px < 1 or self.block_px % (self.chunk_px or MAP_CHUNK_PX)):
+            raise ValueError(f"block_px ({self.block_px}) must be a positive multiple of chunk_px "
+                             f"({self.chunk_px or f'{MAP_CHUNK_PX} when it is chosen by the model'})")
         if self.dtype not in STORE_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(STORE_DTYPES)}, got {self.dtype!r}")
         if self.stain_norm not in ("auto", *STAIN_NORMS):
             raise ValueError(f"stain_norm must be one of {('auto', *STAIN_NORMS)}, got {self.stain_norm!r}")
 
     def for_model(self, evaluation: str) -> ProbmapParams:
-        """These settings with ``block_px`` chosen for a model evaluated the ``evaluation`` way if it is None."""
-        if self.block_px is not None:
-            return self
-        return replace(self, block_px=default_block_px(evaluation, self.chunk_px))
+        """These settings with ``chunk_px`` and ``block_px`` chosen for a model evaluated the ``evaluation`` way
+        where they are None."""
+        chunk_px = self.chunk_px or default_chunk_px(evaluation, self.block_px)
+        return replace(self, chunk_px=chunk_px, block_px=self.block_px or default_block_px(evaluation, chunk_px))
 
     def stain_norm_for(self, model: dict) -> str:
         """The normalisation actually applied with ``model`` (:func:`~wsi_lymph.engine.batch.model_description`)."""
         return model["stain_norm"] if self.stain_norm == "auto" else self.stain_norm
+
+
+def default_chunk_px(evaluation: str, block_px: int | None = None) -> int:
+    """Edge of the map's Zarr chunks (model-frame px) when none is asked for.
+
+    :data:`~wsi_lymph.constants.MAP_CHUNK_PX` for the paper's patch networks;
+    :data:`~wsi_lymph.constants.FAST_CHUNK_PX` for fully convolutional models, whose tasks are so quick that
+    Zarr's fixed cost per chunk written shows (BENCHMARKS.md, "Map chunks for the student").  With a ``block_px``
+    asked for, the largest chunk of those two that divides it (a block is written in whole chunks), which is
+    :data:`~wsi_lymph.constants.MAP_CHUNK_PX` at least for any block it divides.
+    """
+    preferred = MAP_CHUNK_PX if evaluation == PATCHES else FAST_CHUNK_PX
+    return preferred if block_px is None else math.gcd(preferred, block_px)
 
 
 def default_block_px(evaluation: str, chunk_px: int) -> int:
