@@ -2,9 +2,12 @@
 
 A 2,048² model-frame block of CMU-1 is computed once by the student; then, alternating over ``--repeats``:
 the float32 -> float16 conversion by NumPy's ``astype`` and by ``probmap_store.encode`` (torch), and
-``probmap_store.write_block`` into a fresh Zarr map of 512² chunks with LZ4 byte-shuffle, LZ4 bit-shuffle (the
-engine's) and no compression, and of 1,024² chunks with LZ4 bit-shuffle.  Printed: median and range of each
-(first repeat excluded), bytes per block, and whether both conversions give the same bits.
+``probmap_store.write_block`` into a fresh Zarr map of 512² chunks (the paper's networks' default) with LZ4
+byte-shuffle, LZ4 bit-shuffle (the engine's codec) and no compression, and of 1,024² chunks (the student's
+default) with LZ4 bit-shuffle; and, as references for Zarr's own share of a write, Blosc alone on the 16
+512² chunks of the block (``numcodecs``, the engine's settings) and writing those 16 compressed chunks as plain
+files.  Run it under ``taskset -c 0`` to see the costs on one core, as a worker has it.  Printed: median and
+range of each (first repeat excluded), bytes per block, and whether both conversions give the same bits.
 
 Usage::
 
@@ -24,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
+from numcodecs import Blosc
 from zarr.codecs import BloscCodec
 
 from wsi_lymph.constants import DEFAULT_MODEL
@@ -35,8 +39,11 @@ from wsi_lymph.slides.reader import open_slide
 
 SLIDE = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides" / "cmu-1-small-region.svs"
 #: Written layouts: name -> (Blosc shuffle or None for no compression, chunk edge in px).
-LAYOUTS = {"lz4 byte-shuffle": ("shuffle", 512), "lz4 bit-shuffle (the engine's)": ("bitshuffle", 512),
-           "uncompressed": (None, 512), "lz4 bit-shuffle, 1,024² chunks": ("bitshuffle", 1024)}
+LAYOUTS = {"lz4 byte-shuffle": ("shuffle", 512), "lz4 bit-shuffle (the engine's codec)": ("bitshuffle", 512),
+           "uncompressed": (None, 512), "lz4 bit-shuffle, 1,024² chunks (the student's)": ("bitshuffle", 1024)}
+
+#: The engine's codec (``probmap_store.map_compressor``) as numcodecs has it, for the reference without Zarr.
+BLOSC = Blosc(cname="lz4", clevel=5, shuffle=Blosc.BITSHUFFLE)
 
 
 def main() -> None:
@@ -67,6 +74,15 @@ def main() -> None:
                 times.setdefault(name, []).append(time.perf_counter() - start)
                 sizes[name] = sum(f.stat().st_size for f in store.rglob("c/*/*")) / 1e6
                 shutil.rmtree(store)
+            chunks = [np.ascontiguousarray(block) for rows in np.split(encode(prob, "float16"), 4)
+                      for block in np.split(rows, 4, axis=1)]
+            start = time.perf_counter()
+            compressed = [BLOSC.encode(chunk) for chunk in chunks]
+            times.setdefault("reference: Blosc alone, 16 chunks", []).append(time.perf_counter() - start)
+            start = time.perf_counter()
+            for k, data in enumerate(compressed):
+                (Path(tmp) / f"chunk-{k}").write_bytes(data)
+            times.setdefault("reference: 16 plain file writes", []).append(time.perf_counter() - start)
     same = np.array_equal(prob.astype("float16").view(np.uint16), encode(prob, "float16").view(np.uint16))
     report = {name: {"median_ms": round(1000 * statistics.median(t[1:]), 1),
                      "range_ms": [round(1000 * min(t[1:]), 1), round(1000 * max(t[1:]), 1)],
