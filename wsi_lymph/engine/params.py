@@ -85,8 +85,11 @@ class ProbmapParams:
             raise ValueError(f"stain_norm must be one of {('auto', *STAIN_NORMS)}, got {self.stain_norm!r}")
 
     def for_model(self, evaluation: str) -> ProbmapParams:
-        """These settings with ``chunk_px`` and ``block_px`` chosen for a model evaluated the ``evaluation`` way
-        where they are None."""
+        """These settings with ``chunk_px`` and ``block_px`` chosen for the model where they are None.
+
+        ``evaluation`` is how the model is evaluated (``PATCHES``, ``SUBPIXEL``... in
+        :mod:`wsi_lymph.models.architectures`).
+        """
         chunk_px = self.chunk_px or default_chunk_px(evaluation, self.block_px)
         return replace(self, chunk_px=chunk_px, block_px=self.block_px or default_block_px(evaluation, chunk_px))
 
