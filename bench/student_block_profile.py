@@ -33,6 +33,7 @@ from wsi_lymph.detection.stain import (
     ReinhardTransform,
     _reinhard_gain,
     _tables,
+    colour_keys,
     reference_reinhard,
 )
 from wsi_lymph.engine.batch import infer_block
@@ -76,8 +77,8 @@ def main() -> None:
         print(f"block {boxes[1]}: {time.perf_counter() - start:.3f} s")
     pstats.Stats(profile).sort_stats("tottime").print_stats(16)
     level = read_region(info, frame.level, 0, 0, *info.level_sizes_xy[frame.level])
-    packed = (level[..., 0].astype(np.uint32) << 16) | (level[..., 1].astype(np.uint32) << 8) | level[..., 2]
-    print(f"{SLIDE.name} level {frame.level}: {np.unique(packed).size:,} distinct colours in {packed.size:,} px")
+    colours = colour_keys(level)
+    print(f"{SLIDE.name} level {frame.level}: {np.unique(colours).size:,} distinct colours in {colours.size:,} px")
     rgb = read_region(info, frame.level, 0, 512, 532, 532)  # the level pixels of about one block and its halo
     tables = _tables(transform.source, transform.reference)
     ways = {"engine path, colours already in the worker's table": transform,

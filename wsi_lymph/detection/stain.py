@@ -161,7 +161,7 @@ class _ReinhardTables:
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         """Normalised uint8 RGB of uint8 RGB pixels (any leading shape, last axis 3), colours looked up first."""
         flat = rgb.reshape(-1, 3)
-        key = (flat[:, 0].astype(np.uint32) << 16) | (flat[:, 1].astype(np.uint32) << 8) | flat[:, 2]
+        key = colour_keys(flat)
         found = self.known[key]
         new = found == 0
         if new.any():
@@ -193,6 +193,11 @@ class _ReinhardTables:
         bins = (lin * np.float32(self.BINS)).astype(np.intp)
         levels = self.level_at_edge[bins] + (lin >= self.boundary_in_bin[bins])
         return levels.astype(np.uint8)
+
+
+def colour_keys(rgb: np.ndarray) -> np.ndarray:
+    """Each uint8 RGB pixel (last axis 3) as one uint32 ``0xRRGGBB``: the colour tables' index."""
+    return (rgb[..., 0].astype(np.uint32) << 16) | (rgb[..., 1].astype(np.uint32) << 8) | rgb[..., 2]
 
 
 @lru_cache(maxsize=2)
