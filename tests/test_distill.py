@@ -14,11 +14,13 @@ import numpy as np
 import pooch
 import pytest
 from conftest import CROPS, SLIDES
+from scipy import ndimage
 
 from wsi_lymph.detection.stain import lab_statistics
 from wsi_lymph.models.architectures import STUDENT_ARCH
 from wsi_lymph.models.checkpoints import load_checkpoint
-from wsi_lymph.training.distill import read_plan, reference_statistics
+from wsi_lymph.training.distill import DistillPair, read_plan, reference_statistics, sample_batch, scaled_crop
+from wsi_lymph.training.settings import StudentRecipe
 
 
 def _plan(folder: Path) -> Path:
@@ -97,3 +99,27 @@ def test_a_plan_without_names_or_with_an_unknown_role_is_refused_naming_the_file
     bad.write_text(json.dumps({"images": [{"name": "a", "path": "a.tif", "role": "test"}]}))
     with pytest.raises(ValueError, match="role 'test'"):
         read_plan(bad)
+
+
+def test_a_scaled_crop_keeps_the_teacher_map_on_its_pixels():
+    rng = np.random.default_rng(1)
+    inputs = rng.uniform(0, 255, (120, 130, 3)).astype(np.float32)
+    target = rng.uniform(0, 1, (480, 520)).astype(np.float32)
+    # Magnification 1 at an integer origin is the plain crop: the window and the map of its centre, as stored.
+    x, y = scaled_crop(DistillPair("noise", inputs, target), 7.0, 11.0, 40, 9, 1.0)
+    np.testing.assert_array_equal(x, inputs[7:65, 11:69])
+    np.testing.assert_array_equal(y, target[64:224, 80:240])
+
+    # A smooth image whose map is its own 4x bilinear enlargement: magnified (or shrunk) crops keep that relation.
+    rows, cols = np.mgrid[0:120, 0:130]
+    smooth = (np.sin(rows / 7.0) + np.cos(cols / 5.0)).astype(np.float32)
+    pair = DistillPair("smooth", np.repeat(smooth[..., None], 3, axis=-1),
+                       ndimage.zoom(smooth, 4, order=1, grid_mode=True, mode="nearest").astype(np.float32))
+    for magnification in (0.9, 1.1):
+        x, y = scaled_crop(pair, 10.3, 12.7, 40, 9, magnification)
+        enlarged = ndimage.zoom(x[9:-9, 9:-9, 0], 4, order=1, grid_mode=True, mode="nearest")
+        # A shift of one model-frame pixel would differ by ~0.05 where the image changes fastest.
+        assert np.abs(enlarged - y)[8:-8, 8:-8].max() < 0.015
+
+    batch_x, batch_y = sample_batch([pair], StudentRecipe(batch_size=3, scale_jitter=0.1), 9, step=0)
+    assert batch_x.shape == (3, 3, 58, 58) and batch_y.shape == (3, 1, 160, 160)

@@ -175,7 +175,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     checks.check_exists(args.crops, "--crops", folder=True)
     checks.check_out_folder(args.out)
     recipe = StudentRecipe(iterations=args.iterations, batch_size=args.batch_size, seed=args.seed,
-                           checkpoint_every=min(args.checkpoint_every, args.iterations))
+                           scale_jitter=args.scale_jitter, checkpoint_every=min(args.checkpoint_every, args.iterations))
     try:
         plan = read_plan(args.plan)
         with _client(args) as client:
@@ -264,6 +264,9 @@ def add_training_commands(commands) -> None:
                          help=f"crops a step, ≥ 1 (default {d.batch_size})")
     distill.add_argument("--checkpoint-every", type=integer(1), default=d.checkpoint_every,
                          help=f"steps between checkpoints, ≥ 1 (default {d.checkpoint_every})")
+    distill.add_argument("--scale-jitter", type=number(0.0, 0.5, high_open=True), default=d.scale_jitter,
+                         help="magnify each training crop by a random factor in 1 ± this, for scanners whose µm/px "
+                         f"is only estimated (default {d.scale_jitter:g})")
     distill.add_argument("--seed", type=SEED, default=d.seed,
                          help=f"crops and augmentation seed, ≥ 0 (default {d.seed})")
     distill.add_argument("--device", default=None, help="torch device of the training task (default: cuda if any)")

@@ -11,7 +11,7 @@ The recipe, each step resumable (a finished step's files are reused):
    (``OUT/teacher/<name>/prob.zarr``: the ensemble, stride 4 with its cubic filling);
 3. **train**: the student learns the teacher's map from the same normalised
    pixels, read through the same code the engine runs (:func:`student_inputs`), with
-   flips, 90° rotations and stain jitter; checkpoints let a stopped run resume;
+   flips, 90° rotations, stain and scale jitter; checkpoints let a stopped run resume;
 4. **evaluate**: threshold chosen leave-one-crop-out on the annotated crops,
    concordance with the teacher on held-out images, then ``model.pt`` and
    ``model-card.json``.
@@ -33,6 +33,7 @@ import numpy as np
 import pooch
 import tifffile
 import torch
+from scipy import ndimage
 from skimage.color import hed2rgb, rgb2hed
 from torch import nn
 from torch.nn import functional as F
@@ -239,20 +240,23 @@ def sample_batch(pairs: list[DistillPair], recipe: StudentRecipe, halo_px: int, 
     """Crops of step ``step``: inputs (N, 3, S + 2 halo, S + 2 halo) BGR and targets (N, 1, 4 S, 4 S).
 
     Images are drawn in proportion to their area; each crop gets one of the 8 flips/rotations
-    (exact symmetries of the 4 x 4 sub-pixel grid) and a stain perturbation.
+    (exact symmetries of the 4 x 4 sub-pixel grid), a stain perturbation and, when the recipe
+    asks for it, a magnification in ``1 ± scale_jitter``.
     """
     rng = np.random.default_rng([recipe.seed, step])
-    size, up = recipe.crop_px, STUDENT_UPSCALE
+    size = recipe.crop_px
     areas = np.array([p.inputs_bgr.shape[0] * p.inputs_bgr.shape[1] for p in pairs], dtype=float)
     inputs, targets = [], []
     for index in rng.choice(len(pairs), size=recipe.batch_size, p=areas / areas.sum()):
         pair = pairs[index]
-        rows, cols = pair.inputs_bgr.shape[:2]
-        i0 = int(rng.integers(0, rows - size - 2 * halo_px + 1))
-        j0 = int(rng.integers(0, cols - size - 2 * halo_px + 1))
-        x = pair.inputs_bgr[i0 : i0 + size + 2 * halo_px, j0 : j0 + size + 2 * halo_px]
-        ti, tj = (i0 + halo_px) * up, (j0 + halo_px) * up
-        y = pair.target[ti : ti + size * up, tj : tj + size * up]
+        if recipe.scale_jitter > 0:
+            magnification = 1.0 + float(rng.uniform(-recipe.scale_jitter, recipe.scale_jitter))
+            span = (size + 2 * halo_px) / magnification  # source input pixels the crop covers
+            rows, cols = pair.inputs_bgr.shape[:2]
+            top, left = rng.uniform(0.0, rows - span - 1.0), rng.uniform(0.0, cols - span - 1.0)
+            x, y = scaled_crop(pair, float(top), float(left), size, halo_px, magnification)
+        else:
+            x, y = _crop(pair, rng, size, halo_px)
         turns, flip = int(rng.integers(4)), bool(rng.integers(2))
         x, y = np.rot90(x, turns), np.rot90(y, turns)
         if flip:
@@ -260,6 +264,53 @@ def sample_batch(pairs: list[DistillPair], recipe: StudentRecipe, halo_px: int, 
         inputs.append(_jitter_stain(np.ascontiguousarray(x), rng, recipe.stain_jitter).transpose(2, 0, 1))
         targets.append(np.ascontiguousarray(y)[None])
     return np.stack(inputs).astype(np.float32), np.stack(targets).astype(np.float32)
+
+
+def _crop(pair: DistillPair, rng: np.random.Generator, size: int, halo_px: int) -> tuple[np.ndarray, np.ndarray]:
+    """A random input window (size + 2 halo)² and the teacher's (4 size)² map of its centre, as stored."""
+    up = STUDENT_UPSCALE
+    rows, cols = pair.inputs_bgr.shape[:2]
+    i0 = int(rng.integers(0, rows - size - 2 * halo_px + 1))
+    j0 = int(rng.integers(0, cols - size - 2 * halo_px + 1))
+    x = pair.inputs_bgr[i0 : i0 + size + 2 * halo_px, j0 : j0 + size + 2 * halo_px]
+    ti, tj = (i0 + halo_px) * up, (j0 + halo_px) * up
+    return x, pair.target[ti : ti + size * up, tj : tj + size * up]
+
+
+def scaled_crop(pair: DistillPair, top: float, left: float, size: int, halo_px: int, magnification: float
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """An input window and its target like :func:`_crop`'s, the image magnified ``magnification`` times.
+
+    Parameters
+    ----------
+    pair : DistillPair
+    top, left : float
+        Source input-pixel coordinates (pixel edges at integers) of the window's top-left corner.
+    size, halo_px : int
+        The crop's input pixels per side, and the halo around them (crop pixels).
+    magnification : float
+        One crop pixel spans ``1 / magnification`` source pixels.
+
+    Returns
+    -------
+    (np.ndarray, np.ndarray)
+        (size + 2 halo)² x 3 input pixels and the (4 size)² target, sampled bilinearly on the same
+        continuous grid, so a teacher's peak stays on its nucleus.
+    """
+    up = STUDENT_UPSCALE
+    # Source pixel centres (index coordinates) of the crop's input pixels and of its target's model-frame pixels.
+    in_r = top + (np.arange(size + 2 * halo_px) + 0.5) / magnification - 0.5
+    in_c = left + (np.arange(size + 2 * halo_px) + 0.5) / magnification - 0.5
+    t_r = up * top + (up * halo_px + np.arange(size * up) + 0.5) / magnification - 0.5
+    t_c = up * left + (up * halo_px + np.arange(size * up) + 0.5) / magnification - 0.5
+    x = np.stack([_bilinear(pair.inputs_bgr[..., k], in_r, in_c) for k in range(3)], axis=-1)
+    return x, _bilinear(pair.target, t_r, t_c)
+
+
+def _bilinear(image: np.ndarray, row_px: np.ndarray, col_px: np.ndarray) -> np.ndarray:
+    """``image`` sampled bilinearly at the grid ``row_px x col_px`` (index coordinates, clamped at the edges)."""
+    grid = np.meshgrid(np.clip(row_px, 0, image.shape[0] - 1), np.clip(col_px, 0, image.shape[1] - 1), indexing="ij")
+    return ndimage.map_coordinates(image, grid, order=1, mode="nearest").astype(np.float32)
 
 
 def _learning_rate(recipe: StudentRecipe, step: int) -> float:

@@ -82,6 +82,10 @@ class StudentRecipe:
         Loss weight ``1 + peak_weight * P_teacher`` per pixel: the map's peaks decide the centres.
     stain_jitter : float
         Half-width of the uniform HED perturbation (scale ``1 ± s`` and shift ``± s / 10`` per stain).
+    scale_jitter : float
+        Half-width of the uniform magnification jitter: each crop and its target are resampled
+        (bilinear) by a factor in ``1 ± scale_jitter``, for scanners whose µm/px is only estimated.
+        0 draws nothing (crops exactly as recipes without this field drew them).
     seed : int
         Crops and augmentations of step ``i`` come from a generator seeded with ``(seed, i)``,
         so a resumed run sees exactly the crops an uninterrupted one would.
@@ -89,12 +93,13 @@ class StudentRecipe:
         Steps between checkpoints (the last 2 are kept).
     """
 
-    iterations: int = 6000
+    iterations: int = 8000
     batch_size: int = 16
     crop_px: int = 40
     lr: float = 3e-3
     weight_decay: float = 1e-4
     peak_weight: float = 4.0
     stain_jitter: float = 0.08
+    scale_jitter: float = 0.1
     seed: int = 0
     checkpoint_every: int = 500
