@@ -308,8 +308,8 @@ def scaled_crop(pair: DistillPair, top: float, left: float, size: int, halo_px: 
 
 
 def _bilinear(image: np.ndarray, row_px: np.ndarray, col_px: np.ndarray) -> np.ndarray:
-    """``image`` sampled bilinearly at the grid ``row_px x col_px`` (index coordinates, clamped at the edges)."""
-    grid = np.meshgrid(np.clip(row_px, 0, image.shape[0] - 1), np.clip(col_px, 0, image.shape[1] - 1), indexing="ij")
+    """``image`` sampled bilinearly at the grid ``row_px x col_px`` (index coordinates; edge pixels extend outwards)."""
+    grid = np.meshgrid(row_px, col_px, indexing="ij")
     return ndimage.map_coordinates(image, grid, order=1, mode="nearest").astype(np.float32)
 
 
