@@ -87,6 +87,12 @@ def test_changed_settings_are_refused_and_a_new_threshold_reuses_the_map(client,
     # Asked again with the same settings: skipped.
     again = _cli("detect", *common, "--threshold", "0.5", "--out", out)
     assert again.returncode == 0 and "already done" in again.stdout + again.stderr
+    # Another threshold without --keep-map: the map kept earlier is not this run's to delete.
+    without = [arg for arg in common if arg != "--keep-map"]
+    higher = _cli("detect", *without, "--threshold", "0.9", "--out", out)
+    assert higher.returncode == 0 and "finding the centres again" in higher.stdout + higher.stderr, higher.stderr
+    assert (folder / "prob.zarr" / "zarr.json").stat().st_mtime_ns == map_written
+    assert "prob.zarr" in json.loads((folder / "summary.json").read_text())["outputs"]
 
 
 @pytest.mark.shared_data

@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="peak threshold on smoothed P, between 0 and 1 (default: the model's)")
     detect.add_argument("--keep-map", action="store_true", help="keep each slide's full-resolution map prob.zarr "
                         "(needed to find centres again at another --threshold); by default it is deleted once the "
-                        "slide is done, and its pyramid prob.ome.zarr stays")
+                        "slide is done, and its pyramid prob.ome.zarr stays (a map kept by an earlier run stays kept)")
     detect.add_argument("--hotspot-mm2", type=checks.number(0, 100, low_open=True, unit=" mm²"),
                         default=HOTSPOT_FIELD_MM2, help="area of the hotspot field, the densest circle reported per "
                         f"slide, > 0 and ≤ 100 mm² (default {HOTSPOT_FIELD_MM2:g})")

@@ -133,6 +133,8 @@ class _Slide:
     # Stain normalisation of this slide's pixels, once its colour statistics are measured (None: none).
     pixel_transform: ReinhardTransform | None = None
     needs_statistics: bool = False  # blocks wait for the slide's colour statistics
+    # The full-resolution map was kept by an earlier run (--keep-map then): this run keeps it too, with or without.
+    keeps_earlier_map: bool = False
     todo: list[Box] | None = None  # blocks to infer, once the stain map has chosen them
     # Task keys: unique per slide in flight.
     token: str = field(default_factory=new_task_token)
@@ -234,6 +236,14 @@ def _load_earlier_map(slide: _Slide, model_info: dict, params: ProbmapParams) ->
         setattr(result, key, earlier.get(key, getattr(result, key)))
     result.output, result.reused = str(stored[2]), True
     return True
+
+
+def _kept_map(summary_path: Path) -> bool:
+    """Whether the run that wrote ``summary.json`` kept the slide's full-resolution map (``--keep-map``)."""
+    try:
+        return bool(json.loads(summary_path.read_text())["params"]["keep_map"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _peak_changes(summary_path: Path, threshold: float) -> str | None:
@@ -638,6 +648,7 @@ class _Batch:
         """
         result = slide.result
         summary = slide.slide_dir / "summary.json"
+        slide.keeps_earlier_map = slide.final_store.is_dir() and _kept_map(summary)
         if self.peak_options is None:
             changes = None
         else:
@@ -843,7 +854,7 @@ class _Batch:
         slide.write_started = time.perf_counter()
         future = self.client.submit(
             write_slide, slide.slide_dir, result.name, result.path, attrs, shape_rc, table,
-            asdict(result), asdict(self.params) | {"keep_map": self.keep_map}, self.peak_options.hotspot_mm2,
+            asdict(result), asdict(self.params) | {"keep_map": self._keeps_map(slide)}, self.peak_options.hotspot_mm2,
             self.peak_options.density_bin_um, key=f"write-{slide.token}", pure=False,
         )
         self.tasks.watch(future, lambda f: self._on_written(slide, f))
@@ -862,10 +873,18 @@ class _Batch:
         slide.result.seconds["write"] = round(time.perf_counter() - slide.write_started, 3)
         density = f"{count / area_mm2:.0f} per mm² of tissue" if area_mm2 else "no tissue"
         self.log(f"{slide.name}: {count} lymphocytes, {density}")
-        if not self.keep_map:  # summary.json is written: the slide is done, its pyramid stays (tens of GB less)
+        if not self._keeps_map(slide):  # summary.json is written: the slide is done, its pyramid stays (GBs less)
             with contextlib.suppress(OSError):  # a map left behind costs space, not results
                 remove_working_map(slide.slide_dir)
         self._done(slide)
+
+    def _keeps_map(self, slide: _Slide) -> bool:
+        """Whether the slide's full-resolution map stays once it is done: asked now, or kept by an earlier run.
+
+        A map a user kept for other thresholds later is not this run's to delete: a rerun without
+        ``--keep-map`` that only finds the centres again from it leaves it where it was.
+        """
+        return self.keep_map or slide.keeps_earlier_map
 
     # -------------------------------------------------------------- endings
     def _done(self, slide: _Slide) -> None:
