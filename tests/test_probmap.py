@@ -21,6 +21,7 @@ from wsi_lymph.detection.peaks import detect_centers
 from wsi_lymph.engine.batch import run_probmaps
 from wsi_lymph.engine.centres import find_centres, plan_peaks
 from wsi_lymph.engine.params import ProbmapParams
+from wsi_lymph.io.ome_zarr import PYRAMID_NAME, open_pyramid
 from wsi_lymph.io.probmap_store import create_partial_store, encode, open_probmap, write_block
 from wsi_lymph.models.checkpoints import load_checkpoint
 from wsi_lymph.models.registry import resolve_model
@@ -47,6 +48,21 @@ def crop_maps(client, tmp_path_factory):
         maps[stride]["out"] = out
     return maps
 
+
+
+def test_probmap_writes_the_maps_pyramid_for_viewers(crop_maps):
+    """probmap's product is the map, so it gets detect's OME-Zarr pyramid too: level 0 is the map's 4x4 means."""
+    for stride in STRIDES:
+        for i in (1, 2, 3):
+            folder = crop_maps[stride]["out"] / f"example_{i}"
+            levels, attrs = open_pyramid(folder / PYRAMID_NAME)
+            prob = crop_maps[stride][i]
+            rows, cols = prob.shape[0] // 4, prob.shape[1] // 4
+            means = prob[: rows * 4, : cols * 4].reshape(rows, 4, cols, 4).mean(axis=(1, 3))
+            level0 = levels[0].compute()
+            assert level0.shape == (rows, cols) and attrs["multiscales"][0]["datasets"][0]["path"] == "0"
+            np.testing.assert_allclose(level0, means, atol=0.5 / 255 + 1e-6)
+            assert means.max() > 0.5  # a map with lymphocytes in it, not an empty one compared with an empty one
 
 def _reference_probabilities(image_rgb: np.ndarray, pixels_rc: np.ndarray, checkpoint) -> np.ndarray:
     """Plain per-pixel reference, written independently of the engine.

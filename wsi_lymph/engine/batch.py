@@ -779,8 +779,8 @@ class _Batch:
             f"{result.name}: map done, {result.blocks_total} blocks, {result.skipped_fraction:.1%} skipped "
             f"(no hematoxylin), {result.patches} patches, {result.seconds['map_wall']:.1f} s -> {result.output}"
         )
-        if self.peak_options is None:
-            self._done(slide)
+        if self.peak_options is None:  # probmap: the map is the product; its pyramid lets viewers open it
+            self._start_pyramid(slide, lambda: self._done(slide))
         else:
             self._start_peaks(slide)
 
@@ -821,19 +821,20 @@ class _Batch:
         for flag in implausible_results(table["x_um"], table["y_um"], result.tissue_mm2, clear_radius_um):
             result.flags.append(flag)  # before the write task: summary.json records it
             self.log(f"{result.name}: FLAGGED: {flag}")
-        self._start_pyramid(slide, table)
+        self._start_pyramid(slide, lambda: self._start_write(slide, table, slide.peaks.attrs, slide.peaks.shape_rc))
 
     # -------------------------------------------------------------- stage 4: the map's pyramid for viewers
-    def _start_pyramid(self, slide: _Slide, table: dict) -> None:
-        """``prob.ome.zarr`` (:mod:`wsi_lymph.io.ome_zarr`) before the outputs, so ``summary.json`` can list it."""
+    def _start_pyramid(self, slide: _Slide, then: Callable[[], None]) -> None:
+        """``prob.ome.zarr`` (:mod:`wsi_lymph.io.ome_zarr`), then ``then()``: for ``detect`` the outputs are
+        written after it, so ``summary.json`` can list it; for ``probmap`` the slide is done."""
         if slide.result.reused and (slide.slide_dir / PYRAMID_NAME).is_dir():  # the same map: the same pyramid
-            return self._start_write(slide, table, slide.peaks.attrs, slide.peaks.shape_rc)
+            return then()
         self.bars.stage(slide, "pyramid")
         started = time.perf_counter()
         future = submit_pyramid(self.client, slide.final_store, slide.slide_dir, slide.name, slide.token)
-        self.tasks.watch(future, lambda f: self._on_pyramid(slide, table, started, f))
+        self.tasks.watch(future, lambda f: self._on_pyramid(slide, then, started, f))
 
-    def _on_pyramid(self, slide: _Slide, table: dict, started: float, future: Future) -> None:
+    def _on_pyramid(self, slide: _Slide, then: Callable[[], None], started: float, future: Future) -> None:
         if slide.failed:
             return
         try:
@@ -845,7 +846,7 @@ class _Batch:
                               if _lasting(error) else f"{slide.info.path}: writing the map's pyramid failed: "
                               f"{_describe(error)}")
         slide.result.seconds["pyramid"] = round(time.perf_counter() - started, 3)
-        self._start_write(slide, table, slide.peaks.attrs, slide.peaks.shape_rc)
+        then()
 
     def _start_write(self, slide: _Slide, table: dict, attrs: dict, shape_rc: tuple[int, int]) -> None:
         """The ``write`` task: hotspot and every output file of the slide, from its centre table and map attributes."""
