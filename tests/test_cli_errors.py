@@ -123,6 +123,8 @@ def _usage_cases(tmp: Path) -> list[tuple[list[str], str]]:
         (["distill", file_, "--crops", str(CROPS), "--out", out, "--checkpoint-every", "0"], "--checkpoint-every"),
         (["distill", file_, "--crops", str(CROPS), "--out", out, "--batch-size", "0"], "--batch-size"),
         (["distill", file_, "--crops", str(CROPS), "--out", out, "--seed", "-2"], "--seed"),
+        (["distill", file_, "--crops", str(CROPS), "--out", out, "--scale-jitter", "0.5"], "--scale-jitter"),
+        (["distill", file_, "--crops", str(CROPS), "--out", out, "--stain-jitter", "-0.1"], "--stain-jitter"),
         (["distill", file_, "--crops", missing, "--out", out], "--crops"),
     ]
     return cases

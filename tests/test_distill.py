@@ -13,13 +13,22 @@ from pathlib import Path
 import numpy as np
 import pooch
 import pytest
+import torch
 from conftest import CROPS, SLIDES
 from scipy import ndimage
 
 from wsi_lymph.detection.stain import lab_statistics
 from wsi_lymph.models.architectures import STUDENT_ARCH
 from wsi_lymph.models.checkpoints import load_checkpoint
-from wsi_lymph.training.distill import DistillPair, read_plan, reference_statistics, sample_batch, scaled_crop
+from wsi_lymph.models.networks import SubpixelStudentNet
+from wsi_lymph.training.distill import (
+    DistillPair,
+    read_plan,
+    reference_statistics,
+    sample_batch,
+    scaled_crop,
+    train_student,
+)
 from wsi_lymph.training.settings import StudentRecipe
 
 
@@ -123,3 +132,16 @@ def test_a_scaled_crop_keeps_the_teacher_map_on_its_pixels():
 
     batch_x, batch_y = sample_batch([pair], StudentRecipe(batch_size=3, scale_jitter=0.1), 9, step=0)
     assert batch_x.shape == (3, 3, 58, 58) and batch_y.shape == (3, 1, 160, 160)
+
+
+def test_train_student_trains_the_network_it_is_given(tmp_path):
+    """A network passed in (wider here, or the shipped one to train further) is the one trained and returned."""
+    rng = np.random.default_rng(2)
+    pair = DistillPair("noise", rng.uniform(0, 255, (80, 80, 3)).astype(np.float32),
+                       rng.uniform(0, 1, (320, 320)).astype(np.float32))
+    wide = SubpixelStudentNet((50.0, 50.0, 50.0), width=16)
+    before = wide.conv5.weight.detach().clone()
+    recipe = StudentRecipe(iterations=3, batch_size=2, checkpoint_every=3)
+    net, _, start = train_student([pair], tmp_path, recipe, net=wide, log=lambda message: None)
+    assert net is wide and start == 0 and net.conv5.out_channels == 16
+    assert not torch.equal(net.conv5.weight, before)  # trained, not just handed back

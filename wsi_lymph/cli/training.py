@@ -175,7 +175,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     checks.check_exists(args.crops, "--crops", folder=True)
     checks.check_out_folder(args.out)
     recipe = StudentRecipe(iterations=args.iterations, batch_size=args.batch_size, seed=args.seed,
-                           scale_jitter=args.scale_jitter, checkpoint_every=min(args.checkpoint_every, args.iterations))
+                           stain_jitter=args.stain_jitter, scale_jitter=args.scale_jitter,
+                           checkpoint_every=min(args.checkpoint_every, args.iterations))
     try:
         plan = read_plan(args.plan)
         with _client(args) as client:
@@ -267,6 +268,10 @@ def add_training_commands(commands) -> None:
     distill.add_argument("--scale-jitter", type=number(0.0, 0.5, high_open=True), default=d.scale_jitter,
                          help="magnify each training crop by a random factor in 1 ± this, for scanners whose µm/px "
                          f"is only estimated (default {d.scale_jitter:g})")
+    distill.add_argument("--stain-jitter", type=number(0.0, 0.5, high_open=True), default=d.stain_jitter,
+                         help="perturb each training crop's hematoxylin, eosin and DAB by a random scale in 1 ± this "
+                         "(shift ± this / 10); the teacher's map is not recomputed, so it trades fidelity to the "
+                         f"teacher for colour robustness (default {d.stain_jitter:g})")
     distill.add_argument("--seed", type=SEED, default=d.seed,
                          help=f"crops and augmentation seed, ≥ 0 (default {d.seed})")
     distill.add_argument("--device", default=None, help="torch device of the training task (default: cuda if any)")

@@ -338,8 +338,12 @@ def train_student(
     *,
     device: str | None = None,
     log=print,
+    net: SubpixelStudentNet | None = None,
 ) -> tuple[SubpixelStudentNet, torch.Tensor, int]:
     """Train the student on teacher maps; resumes from the newest ``student-state-*.pt`` in ``out_dir``.
+
+    ``net`` is the network to train (default: a fresh width-32 one, initialised from ``recipe.seed``);
+    ``bench/student_fidelity.py`` passes a wider one, or the shipped student to train it further.
 
     Returns
     -------
@@ -353,7 +357,7 @@ def train_student(
     device = select_device(device)
     mean, std = input_normalisation(pairs)
     torch.manual_seed(recipe.seed)  # before the network exists: its initial weights follow the seed
-    net = SubpixelStudentNet(tuple(std)).to(device)
+    net = (SubpixelStudentNet(tuple(std)) if net is None else net).to(device)
     mean_t = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     optimiser = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     start = 0

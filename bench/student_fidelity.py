@@ -1,0 +1,132 @@
+"""What limits the student's fidelity to the teacher: capacity, optimisation or augmentation?
+
+Reads a ``wsi-lymph distill`` work folder (``images/``, the teacher's stride-4 maps of the training images in
+``teacher/``, its stride-2 maps of the held-out images in ``teacher-stride2/``) and scores one student:
+
+* ``--variant shipped``: the shipped student as it is;
+* ``--variant further``: the shipped student trained ``--iterations`` more steps (learning rate ``--lr``, warm-up
+  and cosine decay as in distillation), with the recipe's augmentations or others (``--stain-jitter``,
+  ``--scale-jitter``);
+* ``--variant wider``: a fresh student of ``--width`` channels trained with the shipped recipe.
+
+For each, leave-one-crop-out F on the three annotated crops (as the model card), and on held-out and training
+images the map correlation with the teacher and the concordance F (3 µm) at the student's threshold and at 0.70
+(the best matched threshold of the shipped student).  The teacher's threshold is the paper's, 0.7706.
+
+Usage (one process, two threads; a ``further`` run of 4,000 steps takes ~7 min on a 2-core VM)::
+
+    .venv/bin/python bench/student_fidelity.py --work distill/ --variant further --iterations 4000 \\
+        --stain-jitter 0 --scale-jitter 0 --out fidelity-further/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from wsi_lymph.constants import DEFAULT_MODEL, DEFAULT_TOLERANCE_UM, PAPER_THRESHOLD
+from wsi_lymph.detection.evaluate import DetectionScore, pooled
+from wsi_lymph.io.probmap_store import open_probmap
+from wsi_lymph.models.networks import SubpixelStudentNet
+from wsi_lymph.models.registry import load_model
+from wsi_lymph.slides.frame import choose_frame
+from wsi_lymph.slides.reader import open_slide
+from wsi_lymph.training.dataset import read_dataset
+from wsi_lymph.training.distill import (
+    CROPS_MPP,
+    concordance,
+    crop_detections,
+    image_map,
+    input_normalisation,
+    leave_one_crop_out,
+    load_pair,
+    read_plan,
+    reference_statistics,
+    train_student,
+)
+from wsi_lymph.training.settings import StudentRecipe
+
+ROOT = Path(__file__).resolve().parents[1]
+CROPS = ROOT.parent / "shared" / "data" / "lymph-centers"
+HELD_OUT = ("tia", "stardist", "hl-lung")
+TRAINING = ("cmu-a", "hl-high", "prostate-a", "hl-tissue-a")
+MATCHED_THRESHOLD = 0.70
+
+
+def _student(args, pairs) -> tuple[SubpixelStudentNet, torch.Tensor]:
+    """The network to score: shipped, shipped and trained further, or a fresh wider one trained."""
+    [(shipped, mean_image)] = load_model(DEFAULT_MODEL).members
+    if args.variant == "shipped":
+        return shipped, mean_image
+    recipe = StudentRecipe()
+    if args.variant == "further":
+        recipe = replace(recipe, iterations=args.iterations, lr=args.lr, seed=1)  # other crops than the first time
+        net = shipped
+    else:
+        torch.manual_seed(recipe.seed)
+        net = SubpixelStudentNet(tuple(input_normalisation(pairs)[1]), width=args.width)
+    if args.stain_jitter is not None:
+        recipe = replace(recipe, stain_jitter=args.stain_jitter)
+    if args.scale_jitter is not None:
+        recipe = replace(recipe, scale_jitter=args.scale_jitter)
+    started = time.perf_counter()
+    net, mean_image, _ = train_student(pairs, args.out, recipe, net=net, log=lambda m: print(m, flush=True))
+    print(f"trained in {time.perf_counter() - started:.0f} s; {net.flops_per_input_px() / 1e3:.1f} kFLOP per 20x "
+          f"pixel; recipe {json.dumps(asdict(recipe))}")
+    return net, mean_image
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, required=True, help="a wsi-lymph distill --out folder")
+    parser.add_argument("--variant", choices=("shipped", "further", "wider"), default="shipped")
+    parser.add_argument("--out", type=Path, default=Path("fidelity"), help="checkpoints of a trained variant")
+    parser.add_argument("--iterations", type=int, default=4000, help="steps of --variant further")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of --variant further")
+    parser.add_argument("--width", type=int, default=48, help="channels of --variant wider")
+    parser.add_argument("--stain-jitter", type=float, default=None, help="default: the recipe's")
+    parser.add_argument("--scale-jitter", type=float, default=None, help="default: the recipe's")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    plan = [image for image in read_plan(ROOT / "docs" / "distill-plan.json") if image.role == "train"]
+    pairs = [load_pair(image.name, args.work / "images" / f"{image.name}.tif",
+                       args.work / "teacher" / image.name / "prob.zarr") for image in plan]
+    net, mean_image = _student(args, pairs)
+    members = [(net.eval(), mean_image)]
+
+    crops = read_dataset(CROPS)
+    detections = crop_detections(members, crops, reference_statistics([c.image_path for c in crops]))
+    loco = leave_one_crop_out([c.image_id for c in crops], detections,
+                              [c.centers_rc[:, ::-1].astype(float) for c in crops], DEFAULT_TOLERANCE_UM / CROPS_MPP)
+    threshold = loco["threshold_all_crops"]
+    print(f"crops, leave one crop out: pooled F {loco['pooled']['f_score']:.3f}; threshold on all three {threshold}")
+
+    print("image (teacher map): map correlation; concordance F (P, R) at the student's threshold | at 0.70")
+    held_out: list[list[DetectionScore]] = [[], []]
+    for folder, names in (("teacher-stride2", HELD_OUT), ("teacher", TRAINING)):
+        for name in names:
+            image = args.work / "images" / f"{name}.tif"
+            teacher = open_probmap(args.work / folder / name / "prob.zarr")[0].compute(scheduler="synchronous")
+            student = image_map(members, image)
+            mpp = choose_frame(open_slide(image)).mpp
+            scores = [concordance(student, teacher, mpp, t, PAPER_THRESHOLD) for t in (threshold, MATCHED_THRESHOLD)]
+            role = "held out" if folder == "teacher-stride2" else "training"
+            print(f"{name} ({role}): {scores[0]['map_correlation']:.4f}; "
+                  + " | ".join(f"{s['f_score']:.3f} ({s['precision']:.2f}, {s['recall']:.2f})" for s in scores),
+                  flush=True)
+            if folder == "teacher-stride2":
+                for kept, score in zip(held_out, scores, strict=True):
+                    kept.append(DetectionScore.from_dict(score))
+    both = " | ".join(f"{pooled(scores).f_score:.3f}" for scores in held_out)
+    print(f"held out, pooled concordance F at the student's threshold | at 0.70: {both}")
+
+
+if __name__ == "__main__":
+    main()
