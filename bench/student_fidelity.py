@@ -99,8 +99,11 @@ def main() -> None:
     pairs = [load_pair(image.name, args.work / "images" / f"{image.name}.tif",
                        args.work / "teacher" / image.name / "prob.zarr") for image in plan]
     net, mean_image = _student(args, pairs)
-    members = [(net.eval(), mean_image)]
+    score_student([(net.eval(), mean_image)], args.work)
 
+
+def score_student(members: list, work: Path) -> None:
+    """Print the student's leave-one-crop-out F, and its map correlation and concordance with the teacher."""
     crops = read_dataset(CROPS)
     detections = crop_detections(members, crops, reference_statistics([c.image_path for c in crops]))
     loco = leave_one_crop_out([c.image_id for c in crops], detections,
@@ -112,8 +115,8 @@ def main() -> None:
     held_out: list[list[DetectionScore]] = [[], []]
     for folder, names in (("teacher-stride2", HELD_OUT), ("teacher", TRAINING)):
         for name in names:
-            image = args.work / "images" / f"{name}.tif"
-            teacher = open_probmap(args.work / folder / name / "prob.zarr")[0].compute(scheduler="synchronous")
+            image = work / "images" / f"{name}.tif"
+            teacher = open_probmap(work / folder / name / "prob.zarr")[0].compute(scheduler="synchronous")
             student = image_map(members, image)
             mpp = choose_frame(open_slide(image)).mpp
             scores = [concordance(student, teacher, mpp, t, PAPER_THRESHOLD) for t in (threshold, MATCHED_THRESHOLD)]
