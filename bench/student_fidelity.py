@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -85,7 +86,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True, help="a wsi-lymph distill --out folder")
     parser.add_argument("--variant", choices=("shipped", "further", "wider"), default="shipped")
-    parser.add_argument("--out", type=Path, default=Path("fidelity"), help="checkpoints of a trained variant")
+    parser.add_argument("--out", type=Path, default=None, help="an empty or new folder for a trained variant's "
+                        "checkpoints (default: a fresh temporary one); one holding checkpoints is refused, since "
+                        "training would resume from them rather than run")
     parser.add_argument("--iterations", type=int, default=4000, help="steps of --variant further")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of --variant further")
     parser.add_argument("--width", type=int, default=48, help="channels of --variant wider")
@@ -93,6 +96,10 @@ def main() -> None:
     parser.add_argument("--scale-jitter", type=float, default=None, help="default: the recipe's")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if args.out is None:
+        args.out = Path(tempfile.mkdtemp(prefix="student-fidelity-"))
+    elif any(args.out.glob("student-state-*.pt")):
+        parser.error(f"--out {args.out} holds checkpoints of an earlier run; choose a new folder")
     torch.set_num_threads(args.threads)
 
     plan = [image for image in read_plan(ROOT / "docs" / "distill-plan.json") if image.role == "train"]

@@ -49,7 +49,6 @@ def crop_maps(client, tmp_path_factory):
     return maps
 
 
-
 def test_probmap_writes_the_maps_pyramid_for_viewers(crop_maps):
     """probmap's product is the map, so it gets detect's OME-Zarr pyramid too: level 0 is the map's 4x4 means."""
     for stride in STRIDES:
@@ -63,6 +62,7 @@ def test_probmap_writes_the_maps_pyramid_for_viewers(crop_maps):
             assert level0.shape == (rows, cols) and attrs["multiscales"][0]["datasets"][0]["path"] == "0"
             np.testing.assert_allclose(level0, means, atol=0.5 / 255 + 1e-6)
             assert means.max() > 0.5  # a map with lymphocytes in it, not an empty one compared with an empty one
+
 
 def _reference_probabilities(image_rgb: np.ndarray, pixels_rc: np.ndarray, checkpoint) -> np.ndarray:
     """Plain per-pixel reference, written independently of the engine.
