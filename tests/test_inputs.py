@@ -18,7 +18,7 @@ from conftest import CROPS, DATA, SLIDES
 from PIL import Image
 
 from wsi_lymph.detection.sanity import check_stain, implausible_results, stain_profile
-from wsi_lymph.engine.batch import map_attributes, model_description, run_detect, run_probmaps
+from wsi_lymph.engine.batch import SUPERSEDED_SUMMARY, map_attributes, model_description, run_detect, run_probmaps
 from wsi_lymph.engine.params import ProbmapParams, map_settings, settings_difference
 from wsi_lymph.slides.frame import choose_frame, frame_region
 from wsi_lymph.slides.reader import SlideError, open_slide, read_region, scan_slides
@@ -93,6 +93,14 @@ def test_changed_settings_are_refused_and_a_new_threshold_reuses_the_map(client,
     assert higher.returncode == 0 and "finding the centres again" in higher.stdout + higher.stderr, higher.stderr
     assert (folder / "prob.zarr" / "zarr.json").stat().st_mtime_ns == map_written
     assert "prob.zarr" in json.loads((folder / "summary.json").read_text())["outputs"]
+    # The state a rerun leaves when it is interrupted after setting summary.json aside, before writing its own:
+    # the next rerun without --keep-map still knows that the map was kept.
+    (folder / "summary.json").replace(folder / SUPERSEDED_SUMMARY)
+    resumed = _cli("detect", *without, "--threshold", "0.9", "--out", out)
+    assert resumed.returncode == 0 and "finding centres" in resumed.stdout + resumed.stderr, resumed.stderr
+    assert (folder / "prob.zarr" / "zarr.json").stat().st_mtime_ns == map_written
+    assert json.loads((folder / "summary.json").read_text())["params"]["keep_map"] is True
+    assert not (folder / SUPERSEDED_SUMMARY).exists()
 
 
 @pytest.mark.shared_data

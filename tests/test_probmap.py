@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -62,6 +63,27 @@ def test_probmap_writes_the_maps_pyramid_for_viewers(crop_maps):
             assert level0.shape == (rows, cols) and attrs["multiscales"][0]["datasets"][0]["path"] == "0"
             np.testing.assert_allclose(level0, means, atol=0.5 / 255 + 1e-6)
             assert means.max() > 0.5  # a map with lymphocytes in it, not an empty one compared with an empty one
+
+
+
+@pytest.mark.shared_data
+def test_probmap_rerun_writes_a_missing_pyramid_without_inference(client, crop_maps, tmp_path):
+    """A map finished without its pyramid (interrupted while writing it, or by an older version) gets it on rerun."""
+    out = tmp_path / "out"
+    shutil.copytree(crop_maps[4]["out"], out)
+    shutil.rmtree(out / "example_1" / PYRAMID_NAME)
+    store = out / "example_1" / "prob.zarr"
+    map_files = {f: f.stat().st_mtime_ns for f in store.rglob("*") if f.is_file()}
+    params = ProbmapParams(stride_px=4, dtype="float32", chunk_px=128, block_px=128, torch_threads=1)
+    said = []
+    [result] = run_probmaps(client, CROP_FILES[:1], out, model=FOLD, mpp=0.5, params=params, progress=False,
+                            log=said.append)
+    assert result.status == "done", result.reason
+    assert any("writing its pyramid" in line for line in said), said
+    assert {f: f.stat().st_mtime_ns for f in store.rglob("*") if f.is_file()} == map_files  # no block written again
+    levels, _ = open_pyramid(out / "example_1" / PYRAMID_NAME)
+    expected, _ = open_pyramid(crop_maps[4]["out"] / "example_1" / PYRAMID_NAME)
+    np.testing.assert_array_equal(levels[0].compute(), expected[0].compute())
 
 
 def _reference_probabilities(image_rgb: np.ndarray, pixels_rc: np.ndarray, checkpoint) -> np.ndarray:

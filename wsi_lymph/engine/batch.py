@@ -106,6 +106,8 @@ TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.EAGAIN, errno.EBUSY, errno.EINTR,
                               errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.EPIPE,
                               errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN})
 TASK_RETRIES = 2
+#: Where a rerun that finds a slide's centres again sets its earlier ``summary.json`` aside until it writes its own.
+SUPERSEDED_SUMMARY = "summary.superseded.json"
 
 
 @dataclass
@@ -238,12 +240,28 @@ def _load_earlier_map(slide: _Slide, model_info: dict, params: ProbmapParams) ->
     return True
 
 
-def _kept_map(summary_path: Path) -> bool:
-    """Whether the run that wrote ``summary.json`` kept the slide's full-resolution map (``--keep-map``)."""
-    try:
-        return bool(json.loads(summary_path.read_text())["params"]["keep_map"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+def _kept_map(slide_dir: Path) -> bool:
+    """Whether the last run that finished the slide kept its full-resolution map (``--keep-map``).
+
+    Read from its ``summary.json``, or from the copy a later run set aside (:data:`SUPERSEDED_SUMMARY`)
+    when it began finding the centres again and was interrupted before writing its own.
+    """
+    for name in ("summary.json", SUPERSEDED_SUMMARY):
+        try:
+            return bool(json.loads((slide_dir / name).read_text())["params"]["keep_map"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return False
+
+
+def _set_summary_aside(slide_dir: Path) -> None:
+    """Move ``summary.json`` to :data:`SUPERSEDED_SUMMARY` before a finished slide's outputs are written again.
+
+    Without ``summary.json`` the slide counts as unfinished until the new outputs are complete; the copy
+    keeps what :func:`_kept_map` needs through an interruption before then.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        (slide_dir / "summary.json").replace(slide_dir / SUPERSEDED_SUMMARY)
 
 
 def _peak_changes(summary_path: Path, threshold: float) -> str | None:
@@ -644,11 +662,11 @@ class _Batch:
         the threshold and the peak radii, so when only those changed the centres are found
         again from the stored map, without inference, rather than refusing: a fresh run would
         compute the very same map and then these centres (tested).  ``summary.json`` is
-        removed first, so until the new outputs are complete the slide counts as unfinished.
+        set aside first, so until the new outputs are complete the slide counts as unfinished.
         """
         result = slide.result
         summary = slide.slide_dir / "summary.json"
-        slide.keeps_earlier_map = slide.final_store.is_dir() and _kept_map(summary)
+        slide.keeps_earlier_map = slide.final_store.is_dir() and _kept_map(slide.slide_dir)
         if self.peak_options is None:
             changes = None
         else:
@@ -656,6 +674,12 @@ class _Batch:
             changes = _peak_changes(summary, self.model_info["threshold"] if threshold is None else threshold)
         if changes is None and self.peak_options is not None and self._rewrite_outputs(slide, summary):
             return
+        if self.peak_options is None and not (slide.slide_dir / PYRAMID_NAME).is_dir():
+            # probmap's map is complete but its pyramid is not: interrupted while writing it, or made by a
+            # version that wrote none.  The pyramid is a function of the map: write it, no inference.
+            self.log(f"{result.name}: map already complete in {slide.slide_dir}; writing its pyramid")
+            self.open.append(slide)
+            return self._start_pyramid(slide, lambda: self._done(slide))
         if changes is None:
             result.status = "done"
             if summary.is_file() and self.peak_options is not None:
@@ -670,7 +694,7 @@ class _Batch:
                              "pass --force to recompute the slide (replacing those results), with --keep-map to "
                              "keep its map for other thresholds later")
         if changes:
-            summary.unlink(missing_ok=True)
+            _set_summary_aside(slide.slide_dir)
             self.log(f"{result.name}: map already complete in {slide.slide_dir} with the same settings; {changes}: "
                      "finding the centres again from the stored map (no inference)")
         else:
@@ -702,7 +726,7 @@ class _Batch:
                              "recompute the slide (replacing those results)") from None
         result = slide.result
         result.flags = summary.get("flags", result.flags)
-        summary_path.unlink()  # until the new outputs are complete, the slide counts as unfinished
+        _set_summary_aside(slide.slide_dir)
         self.log(f"{result.name}: already done in {slide.slide_dir}; {changes}: writing its outputs again from "
                  "its centres (same centres, no inference)")
         self.open.append(slide)
@@ -874,6 +898,8 @@ class _Batch:
         slide.result.seconds["write"] = round(time.perf_counter() - slide.write_started, 3)
         density = f"{count / area_mm2:.0f} per mm² of tissue" if area_mm2 else "no tissue"
         self.log(f"{slide.name}: {count} lymphocytes, {density}")
+        with contextlib.suppress(OSError):  # the new summary.json records keep_map now
+            (slide.slide_dir / SUPERSEDED_SUMMARY).unlink(missing_ok=True)
         if not self._keeps_map(slide):  # summary.json is written: the slide is done, its pyramid stays (GBs less)
             with contextlib.suppress(OSError):  # a map left behind costs space, not results
                 remove_working_map(slide.slide_dir)
