@@ -125,6 +125,7 @@ def _usage_cases(tmp: Path) -> list[tuple[list[str], str]]:
         (["distill", file_, "--crops", str(CROPS), "--out", out, "--seed", "-2"], "--seed"),
         (["distill", file_, "--crops", str(CROPS), "--out", out, "--scale-jitter", "0.5"], "--scale-jitter"),
         (["distill", file_, "--crops", str(CROPS), "--out", out, "--stain-jitter", "-0.1"], "--stain-jitter"),
+        (["distill", file_, "--crops", str(CROPS), "--out", out, "--stain-copies", "-1"], "--stain-copies"),
         (["distill", file_, "--crops", missing, "--out", out], "--crops"),
     ]
     return cases

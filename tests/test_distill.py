@@ -27,6 +27,7 @@ from wsi_lymph.training.distill import (
     reference_statistics,
     sample_batch,
     scaled_crop,
+    stain_copy,
     train_student,
 )
 from wsi_lymph.training.settings import StudentRecipe
@@ -47,7 +48,8 @@ def _plan(folder: Path) -> Path:
 def _distill(plan: Path, out: Path, env: dict) -> subprocess.Popen:
     command = [sys.executable, "-m", "wsi_lymph.cli", "distill", str(plan), "--crops", str(CROPS), "--out", str(out),
                "--teacher", "janowczyk2016/fold1", "--teacher-stride", "8", "--iterations", "60",
-               "--batch-size", "4", "--checkpoint-every", "20", "--workers", "1", "--dashboard", ":0"]
+               "--batch-size", "4", "--checkpoint-every", "20", "--stain-copies", "1", "--workers", "1",
+               "--dashboard", ":0"]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
@@ -88,6 +90,10 @@ def test_distill_runs_end_to_end_and_resumes_after_a_kill(tmp_path, model_cache)
     names = {entry["name"]: entry for entry in card["images"]}
     assert set(names) == {im.name for im in read_plan(plan)}
     assert names["c"]["role"] == "heldout" and len(names["a"]["prepared_sha256"]) == 64
+    # One stain-jittered copy of each training image, mapped by the teacher like the originals (none of the held-out).
+    assert card["recipe"]["stain_copies"] == 1
+    assert sorted(p.name for p in (out / "images").glob("*-stain*.tif")) == ["a-stain1.tif", "b-stain1.tif"]
+    assert all((out / "teacher" / name / "prob.zarr" / "zarr.json").is_file() for name in ("a-stain1", "b-stain1"))
     # Scores: leave-one-crop-out over the 3 crops, concordance on the held-out image, the stain-shift curve.
     loco = card["evaluation"]["crops_leave_one_out"]
     assert [row["image"] for row in loco["per_crop"]] == ["example_1", "example_2", "example_3"]
@@ -132,6 +138,36 @@ def test_a_scaled_crop_keeps_the_teacher_map_on_its_pixels():
 
     batch_x, batch_y = sample_batch([pair], StudentRecipe(batch_size=3, scale_jitter=0.1), 9, step=0)
     assert batch_x.shape == (3, 3, 58, 58) and batch_y.shape == (3, 1, 160, 160)
+
+
+def test_stain_copies_carry_the_jitter_instead_of_the_crops(tmp_path):
+    """A copy is the image with its stain perturbed once (same size and µm/px, the same on a rerun); with copies,
+    crops are drawn unperturbed."""
+    import tifffile
+
+    rng = np.random.default_rng(3)
+    image = tmp_path / "a" / "img.tif"
+    image.parent.mkdir()
+    rgb = rng.integers(60, 230, (50, 60, 3), dtype=np.uint8)
+    tifffile.imwrite(image, rgb, photometric="rgb", resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    copy = stain_copy(image, 1, 0.08, seed=0)
+    assert copy == image.with_name("img-stain1.tif")
+    with tifffile.TiffFile(copy) as tif:
+        jittered = tif.pages[0].asarray()
+        assert tif.pages[0].tags["XResolution"].value == (20000, 1)
+    assert jittered.shape == rgb.shape and np.abs(jittered.astype(int) - rgb).mean() > 1
+    again = tmp_path / "b" / "img.tif"
+    again.parent.mkdir()
+    tifffile.imwrite(again, rgb, photometric="rgb", resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    np.testing.assert_array_equal(tifffile.imread(stain_copy(again, 1, 0.08, seed=0)), jittered)
+    assert not np.array_equal(tifffile.imread(stain_copy(again, 2, 0.08, seed=0)), jittered)
+
+    pair = DistillPair("noise", rng.uniform(0, 255, (80, 80, 3)).astype(np.float32),
+                       rng.uniform(0, 1, (320, 320)).astype(np.float32))
+    copies, plain, on_the_fly = (sample_batch([pair], StudentRecipe(batch_size=2, **fields), 9, step=0)[0]
+                                 for fields in ({"stain_copies": 1}, {"stain_jitter": 0.0}, {}))
+    np.testing.assert_array_equal(copies, plain)
+    assert not np.array_equal(copies, on_the_fly)
 
 
 def test_train_student_trains_the_network_it_is_given(tmp_path):

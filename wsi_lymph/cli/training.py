@@ -175,7 +175,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     checks.check_exists(args.crops, "--crops", folder=True)
     checks.check_out_folder(args.out)
     recipe = StudentRecipe(iterations=args.iterations, batch_size=args.batch_size, seed=args.seed,
-                           stain_jitter=args.stain_jitter, scale_jitter=args.scale_jitter,
+                           stain_jitter=args.stain_jitter, stain_copies=args.stain_copies,
+                           scale_jitter=args.scale_jitter,
                            checkpoint_every=min(args.checkpoint_every, args.iterations))
     try:
         plan = read_plan(args.plan)
@@ -272,6 +273,10 @@ def add_training_commands(commands) -> None:
                          help="perturb each training crop's hematoxylin, eosin and DAB by a random scale in 1 ± this "
                          "(shift ± this / 10); the teacher's map is not recomputed, so it trades fidelity to the "
                          f"teacher for colour robustness (default {d.stain_jitter:g})")
+    distill.add_argument("--stain-copies", type=integer(0, 16), default=d.stain_copies,
+                         help="perturb N copies of each training image instead (each once, as a whole, by "
+                         "--stain-jitter) and have the teacher map them, so the targets follow the colours; "
+                         f"crops are then not perturbed as drawn; 0 to 16 (default {d.stain_copies})")
     distill.add_argument("--seed", type=SEED, default=d.seed,
                          help=f"crops and augmentation seed, ≥ 0 (default {d.seed})")
     distill.add_argument("--device", default=None, help="torch device of the training task (default: cuda if any)")

@@ -172,6 +172,33 @@ def prepare_image(image: PlanImage, reference: LabStatistics, out_dir: str | os.
     return out
 
 
+def stain_copy(image_path: str | os.PathLike, copy: int, amount: float, seed: int) -> Path:
+    """Write ``<image>-stain<copy>.tif`` beside a prepared image: its stain perturbed once, as a whole.
+
+    The HED perturbation of :func:`sample_batch` (half-width ``amount``), drawn from ``seed``, the copy
+    number and the image's name, so a rerun writes the same copy; same µm/px as the image.  The teacher
+    maps the copy like any training image, so its target is the teacher's answer to those colours.
+    Returns the file (reused if it exists: writes are atomic).
+    """
+    image_path = Path(image_path)
+    out = image_path.with_name(f"{image_path.stem}-stain{copy}.tif")
+    if out.is_file():
+        return out
+    with tifffile.TiffFile(image_path) as tif:
+        page = tif.pages[0]
+        rgb = page.asarray()
+        resolution = page.tags["XResolution"].value, page.tags["YResolution"].value
+        unit = page.tags["ResolutionUnit"].value
+    rng = np.random.default_rng([seed, copy, *image_path.stem.encode()])
+    jittered = _jitter_stain(rgb[..., ::-1].astype(np.float32), rng, amount)[..., ::-1]
+    pixels = np.clip(np.rint(jittered), 0, 255).astype(np.uint8)
+    write_atomic(out, lambda tmp: tifffile.imwrite(
+        tmp, pixels, photometric="rgb", resolution=(resolution[0][0] / resolution[0][1],
+                                                     resolution[1][0] / resolution[1][1]), resolutionunit=unit,
+    ))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- training data
 
 
@@ -240,11 +267,12 @@ def sample_batch(pairs: list[DistillPair], recipe: StudentRecipe, halo_px: int, 
     """Crops of step ``step``: inputs (N, 3, S + 2 halo, S + 2 halo) BGR and targets (N, 1, 4 S, 4 S).
 
     Images are drawn in proportion to their area; each crop gets one of the 8 flips/rotations
-    (exact symmetries of the 4 x 4 sub-pixel grid), a stain perturbation and, when the recipe
-    asks for it, a magnification in ``1 ± scale_jitter``.
+    (exact symmetries of the 4 x 4 sub-pixel grid), a stain perturbation (unless the recipe's
+    ``stain_copies`` carry it) and, when the recipe asks for it, a magnification in ``1 ± scale_jitter``.
     """
     rng = np.random.default_rng([recipe.seed, step])
     size = recipe.crop_px
+    on_the_fly = recipe.stain_jitter if recipe.stain_copies == 0 else 0.0  # else the copies carry it
     areas = np.array([p.inputs_bgr.shape[0] * p.inputs_bgr.shape[1] for p in pairs], dtype=float)
     inputs, targets = [], []
     for index in rng.choice(len(pairs), size=recipe.batch_size, p=areas / areas.sum()):
@@ -261,7 +289,7 @@ def sample_batch(pairs: list[DistillPair], recipe: StudentRecipe, halo_px: int, 
         x, y = np.rot90(x, turns), np.rot90(y, turns)
         if flip:
             x, y = x[:, ::-1], y[:, ::-1]
-        inputs.append(_jitter_stain(np.ascontiguousarray(x), rng, recipe.stain_jitter).transpose(2, 0, 1))
+        inputs.append(_jitter_stain(np.ascontiguousarray(x), rng, on_the_fly).transpose(2, 0, 1))
         targets.append(np.ascontiguousarray(y)[None])
     return np.stack(inputs).astype(np.float32), np.stack(targets).astype(np.float32)
 
@@ -364,7 +392,8 @@ def train_student(
     states = _state_paths(out_dir)
     if states:
         state = torch.load(states[-1][1], map_location=device, weights_only=True)
-        if state["recipe"] != asdict(recipe):
+        # Fields added since an older checkpoint was written take their defaults (which reproduce the old recipe).
+        if {**asdict(StudentRecipe()), **state["recipe"]} != asdict(recipe):
             raise ValueError(f"{states[-1][1]}: saved with another recipe ({state['recipe']}); use a new --out")
         net.load_state_dict(state["state_dict"])
         optimiser.load_state_dict(state["optimiser"])
@@ -542,7 +571,12 @@ def run_distill(
     log(f"teacher maps ({teacher}, stride {teacher_stride_px}) of {len(train)} training images")
     _teacher_maps(client, [prepared[im.name] for im in train], out / "teacher", teacher, teacher_stride_px,
                   model_source)
+    copies = _stain_copies(client, [prepared[im.name] for im in train], recipe)
+    if copies:
+        log(f"teacher maps of {len(copies)} stain-jittered copies of the training images")
+        _teacher_maps(client, copies, out / "teacher", teacher, teacher_stride_px, model_source)
     specs = [(im.name, str(prepared[im.name]), str(out / "teacher" / im.name / "prob.zarr")) for im in train]
+    specs += [(path.stem, str(path), str(out / "teacher" / path.stem / "prob.zarr")) for path in copies]
     log(f"training the student ({recipe.iterations} steps) as one task")
     future = client.submit(_train_task, specs, str(out / "training"), recipe, device, key="distill-train-" +
                            _token(specs, recipe), resources=resources, retries=2, pure=False)
@@ -570,6 +604,14 @@ def _prepare_all(client, plan: list[PlanImage], reference: LabStatistics, folder
     futures = {im.name: client.submit(prepare_image, im, reference, str(folder), key=f"prepare-{_token(im)}",
                                       pure=False) for im in plan}
     return {name: Path(future.result()) for name, future in futures.items()}
+
+
+def _stain_copies(client, files: list[Path], recipe: StudentRecipe) -> list[Path]:
+    """The recipe's stain-jittered copies of the prepared training images, one ``stain-copy`` task each."""
+    futures = [client.submit(stain_copy, path, copy, recipe.stain_jitter, recipe.seed,
+                             key=f"stain-copy-{_token(str(path), copy, recipe.stain_jitter, recipe.seed)}", pure=False)
+               for path in files for copy in range(1, recipe.stain_copies + 1)]
+    return [Path(future.result()) for future in futures]
 
 
 def _teacher_maps(client, files: list[Path], out_dir: Path, teacher: str, stride_px: int,

@@ -82,6 +82,11 @@ class StudentRecipe:
         Loss weight ``1 + peak_weight * P_teacher`` per pixel: the map's peaks decide the centres.
     stain_jitter : float
         Half-width of the uniform HED perturbation (scale ``1 ± s`` and shift ``± s / 10`` per stain).
+    stain_copies : int
+        Where the stain perturbation goes.  0: on every crop as it is drawn, its target staying the
+        teacher's map of the unperturbed crop (robustness, at the price of fidelity to the teacher).
+        N > 0: on N copies of each training image, each perturbed once as a whole and given the
+        teacher's own map of it; crops are then not perturbed as they are drawn.
     scale_jitter : float
         Half-width of the uniform magnification jitter: each crop and its target are resampled
         (bilinear) by a factor in ``1 ± scale_jitter``, for scanners whose µm/px is only estimated.
@@ -100,6 +105,7 @@ class StudentRecipe:
     weight_decay: float = 1e-4
     peak_weight: float = 4.0
     stain_jitter: float = 0.08
+    stain_copies: int = 0
     scale_jitter: float = 0.1
     seed: int = 0
     checkpoint_every: int = 500
