@@ -183,17 +183,23 @@ def test_a_centre_of_centers_csv_lies_on_its_slide_pixel_in_the_pyramid(detected
 
 @pytest.mark.shared_data
 def test_without_keep_map_the_working_map_goes_only_once_the_slide_is_done(client, detected, tmp_path):
-    """Failed outputs keep the map for the next run; done, it is deleted; new centres then need --force."""
-    out = tmp_path / "out"
-    shutil.copytree(detected.parent, out)
-    folder = out / "cmu-1-small-region"
-    params = ProbmapParams(region_level0=REGION, torch_threads=1)
+    """Failed outputs keep the map for the next run; done, it is deleted; new centres then need --force.
 
-    (folder / "centers.csv").unlink()
-    (folder / "centers.csv").mkdir()  # the outputs cannot be written: the slide fails
-    [failed] = run_detect(client, [SLIDE], out, params=params, threshold=0.6, progress=False)
-    assert failed.status == "failed" and "centers.csv" in failed.reason, failed.reason
-    assert (folder / "prob.zarr" / "zarr.json").is_file()  # kept: the next run finds the centres from it
+    A map the user kept (``detected``) stays through the same failure and the rerun after it."""
+    params = ProbmapParams(region_level0=REGION, torch_threads=1)
+    kept_out = tmp_path / "kept"
+    shutil.copytree(detected.parent, kept_out)
+    for out in (kept_out, tmp_path / "out"):
+        folder = out / "cmu-1-small-region"
+        (folder / "centers.csv").unlink(missing_ok=True)
+        (folder / "centers.csv").mkdir(parents=True)  # the outputs cannot be written: the slide fails
+        [failed] = run_detect(client, [SLIDE], out, params=params, threshold=0.6, progress=False)
+        assert failed.status == "failed" and "centers.csv" in failed.reason, failed.reason
+        assert (folder / "prob.zarr" / "zarr.json").is_file()  # kept: the next run finds the centres from it
+    (kept_out / "cmu-1-small-region" / "centers.csv").rmdir()
+    [done] = run_detect(client, [SLIDE], kept_out, params=params, threshold=0.6, progress=False)
+    assert done.status == "done", done.reason
+    assert (kept_out / "cmu-1-small-region" / "prob.zarr" / "zarr.json").is_file()  # the user's, not this run's
 
     (folder / "centers.csv").rmdir()
     [done] = run_detect(client, [SLIDE], out, params=params, threshold=0.6, progress=False)
