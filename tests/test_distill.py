@@ -17,14 +17,19 @@ import torch
 from conftest import CROPS, SLIDES
 from scipy import ndimage
 
+from wsi_lymph.cli.main import main
 from wsi_lymph.detection.stain import lab_statistics
 from wsi_lymph.models.architectures import STUDENT_ARCH
 from wsi_lymph.models.checkpoints import load_checkpoint
 from wsi_lymph.models.networks import SubpixelStudentNet
 from wsi_lymph.training.distill import (
+    HELDOUT_STRIDE_PX,
+    RUN_SETTINGS_FILE,
     DistillPair,
+    claim_out_dir,
     read_plan,
     reference_statistics,
+    run_settings,
     sample_batch,
     scaled_crop,
     stain_copy,
@@ -92,6 +97,7 @@ def test_distill_runs_end_to_end_and_resumes_after_a_kill(tmp_path, model_cache)
     assert names["c"]["role"] == "heldout" and len(names["a"]["prepared_sha256"]) == 64
     # One stain-jittered copy of each training image, mapped by the teacher like the originals (none of the held-out).
     assert card["recipe"]["stain_copies"] == 1
+    assert json.loads((out / RUN_SETTINGS_FILE).read_text())["teacher_stride"] == 8  # what a rerun must match
     assert sorted(p.name for p in (out / "images").glob("*-stain*.tif")) == ["a-stain1.tif", "b-stain1.tif"]
     assert all((out / "teacher" / name / "prob.zarr" / "zarr.json").is_file() for name in ("a-stain1", "b-stain1"))
     # Scores: leave-one-crop-out over the 3 crops, concordance on the held-out image, the stain-shift curve.
@@ -104,6 +110,39 @@ def test_distill_runs_end_to_end_and_resumes_after_a_kill(tmp_path, model_cache)
 
     prepared = tifffile.imread(out / "images" / "a.tif")
     assert abs(lab_statistics(prepared).mean[2] - reference.mean[2]) < 8
+
+
+@pytest.mark.shared_data
+def test_a_rerun_with_other_settings_is_refused_before_it_reuses_the_folder(tmp_path, capsys):
+    plan = _plan(tmp_path)
+    out = tmp_path / "distill"
+    reference = reference_statistics(sorted(CROPS.glob("example_?.tif")))
+    settings = run_settings(read_plan(plan), reference, StudentRecipe(), "janowczyk2016/fold1", 8, HELDOUT_STRIDE_PX)
+    claim_out_dir(out, settings)
+    record = (out / RUN_SETTINGS_FILE).read_text()
+    claim_out_dir(out, settings)  # the same settings: the folder is reused
+
+    # Another seed would reuse stain copies drawn from the old one: refused before a cluster starts, exit 2.
+    argv = ["distill", str(plan), "--crops", str(CROPS), "--out", str(out), "--teacher", "janowczyk2016/fold1",
+            "--teacher-stride", "8", "--seed", "1"]
+    try:
+        status = main(argv)
+    except SystemExit as exit_:
+        status = exit_.code
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert err.count("\n") == 1 and f"--out {out}" in err and "seed 0 (now 1)" in err, err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == [RUN_SETTINGS_FILE]
+    assert (out / RUN_SETTINGS_FILE).read_text() == record
+
+    # Another plan region would reuse the old prepared image.
+    moved = json.loads(plan.read_text())
+    moved["images"][0]["region"] = [710, 1000, 48, 48]
+    plan.write_text(json.dumps(moved))
+    with pytest.raises(ValueError, match=f"{RUN_SETTINGS_FILE}: this folder was made with another plan"):
+        claim_out_dir(out, run_settings(read_plan(plan), reference, StudentRecipe(), "janowczyk2016/fold1", 8,
+                                        HELDOUT_STRIDE_PX))
 
 
 def test_a_plan_without_names_or_with_an_unknown_role_is_refused_naming_the_file(tmp_path):

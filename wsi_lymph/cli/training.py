@@ -168,8 +168,15 @@ def cmd_cv(args: argparse.Namespace) -> int:
 def cmd_distill(args: argparse.Namespace) -> int:
     from wsi_lymph.engine.cluster import has_gpu_workers
     from wsi_lymph.models.checkpoints import ModelError
-    from wsi_lymph.training.dataset import DatasetError
-    from wsi_lymph.training.distill import read_plan, run_distill
+    from wsi_lymph.training.dataset import DatasetError, read_dataset
+    from wsi_lymph.training.distill import (
+        HELDOUT_STRIDE_PX,
+        check_out_dir,
+        read_plan,
+        reference_statistics,
+        run_distill,
+        run_settings,
+    )
 
     checks.check_exists(args.plan, "plan", folder=False)
     checks.check_exists(args.crops, "--crops", folder=True)
@@ -180,6 +187,12 @@ def cmd_distill(args: argparse.Namespace) -> int:
                            checkpoint_every=min(args.checkpoint_every, args.iterations))
     try:
         plan = read_plan(args.plan)
+        reference = reference_statistics([c.image_path for c in read_dataset(args.crops)])
+        settings = run_settings(plan, reference, recipe, args.teacher, args.teacher_stride, HELDOUT_STRIDE_PX)
+        try:
+            check_out_dir(args.out, settings)
+        except ValueError as error:
+            raise UsageError(f"--out {args.out}: {error}") from None
         with _client(args) as client:
             resources = {"GPU": 1} if has_gpu_workers(client) else None
             model = run_distill(client, plan, args.crops, args.out, recipe, teacher=args.teacher,

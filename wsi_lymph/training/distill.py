@@ -77,6 +77,8 @@ from wsi_lymph.training.settings import StudentRecipe
 STUDENT_NAME = "wsi-lymph-student"
 #: µm/px of the annotated crops (20x, as in the paper's data set).
 CROPS_MPP = 0.5
+#: Stride of the teacher's maps of held-out images (model-frame px): the engine's default, as ``detect`` runs.
+HELDOUT_STRIDE_PX = 2
 #: Level pixels kept around a plan's region, so the teacher's patches at its border see real tissue.
 PREPARE_MARGIN_PX = 24
 
@@ -531,7 +533,7 @@ def run_distill(
     *,
     teacher: str = "janowczyk2016",
     teacher_stride_px: int = 4,
-    heldout_stride_px: int = 2,
+    heldout_stride_px: int = HELDOUT_STRIDE_PX,
     model_source: str | None = None,
     resources: dict | None = None,
     device: str | None = None,
@@ -564,17 +566,17 @@ def run_distill(
     out = Path(out_dir)
     crops = read_dataset(crops_dir)
     reference = reference_statistics([c.image_path for c in crops])
+    claim_out_dir(out, run_settings(plan, reference, recipe, teacher, teacher_stride_px, heldout_stride_px))
     prepared = _prepare_all(client, plan, reference, out / "images")
     teacher_model = load_model(teacher, source=model_source)
     train = [im for im in plan if im.role == "train"]
     heldout = [im for im in plan if im.role == "heldout"]
-    log(f"teacher maps ({teacher}, stride {teacher_stride_px}) of {len(train)} training images")
-    _teacher_maps(client, [prepared[im.name] for im in train], out / "teacher", teacher, teacher_stride_px,
-                  model_source)
     copies = _stain_copies(client, [prepared[im.name] for im in train], recipe)
-    if copies:
-        log(f"teacher maps of {len(copies)} stain-jittered copies of the training images")
-        _teacher_maps(client, copies, out / "teacher", teacher, teacher_stride_px, model_source)
+    log(f"teacher maps ({teacher}, stride {teacher_stride_px}) of {len(train)} training images"
+        + (f" and {len(copies)} stain-jittered copies of them" if copies else ""))
+    # One batch for originals and copies, so their tasks share the cluster.
+    _teacher_maps(client, [prepared[im.name] for im in train] + copies, out / "teacher", teacher, teacher_stride_px,
+                  model_source)
     specs = [(im.name, str(prepared[im.name]), str(out / "teacher" / im.name / "prob.zarr")) for im in train]
     specs += [(path.stem, str(path), str(out / "teacher" / path.stem / "prob.zarr")) for path in copies]
     log(f"training the student ({recipe.iterations} steps) as one task")
@@ -593,6 +595,57 @@ def run_distill(
     evaluation["training_resumed_from_step"] = started_at
     return _write_model(out, net, mean_image, reference, evaluation, recipe, plan, prepared, teacher_model.meta,
                         teacher_stride_px, heldout_stride_px)
+
+
+#: File in a distill OUT folder recording the settings its images, copies and teacher maps were made with.
+RUN_SETTINGS_FILE = "distill-run.json"
+
+
+def run_settings(plan: list[PlanImage], reference: LabStatistics, recipe: StudentRecipe, teacher: str,
+                 teacher_stride_px: int, heldout_stride_px: int) -> dict:
+    """The settings that decide the files a distill run keeps in OUT before training.
+
+    Prepared images depend on the plan and the crops' stain reference, stain copies on the jitter and the
+    seed, teacher maps on the teacher and its strides.  The training's own settings are checked by its
+    checkpoints (:func:`train_student`).
+    """
+    return {"plan": [asdict(im) for im in plan], "stain_reference": reference.as_dict(), "teacher": teacher,
+            "teacher_stride": teacher_stride_px, "heldout_stride": heldout_stride_px,
+            "stain_jitter": recipe.stain_jitter, "seed": recipe.seed}
+
+
+def check_out_dir(out_dir: str | os.PathLike, settings: dict) -> None:
+    """Refuse an OUT folder whose files were made with other :func:`run_settings` (a rerun would reuse them).
+
+    Raises
+    ------
+    ValueError
+        Naming ``OUT/distill-run.json`` and each setting that differs, old and new.
+    """
+    path = Path(out_dir) / RUN_SETTINGS_FILE
+    if not path.is_file():
+        return
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: unreadable ({error}); use a new --out") from None
+    # Through JSON, so tuples and lists compare equal.
+    current = json.loads(json.dumps(settings))
+    changed = [key for key in current if recorded.get(key) != current[key]]
+    if changed:
+        shown = [key if key in ("plan", "stain_reference") else f"{key} {recorded.get(key)} (now {current[key]})"
+                 for key in changed]
+        raise ValueError(f"{path}: this folder was made with another {', '.join(shown)}; its images and teacher "
+                         "maps would be reused; use a new --out")
+
+
+def claim_out_dir(out_dir: str | os.PathLike, settings: dict) -> None:
+    """:func:`check_out_dir`, then record ``settings`` in OUT (a folder from before the record is adopted)."""
+    check_out_dir(out_dir, settings)
+    path = Path(out_dir) / RUN_SETTINGS_FILE
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, (json.dumps(settings, indent=1) + "\n").encode())
 
 
 def _token(*parts) -> str:
