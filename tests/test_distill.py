@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ from wsi_lymph.training.distill import (
     stain_copy,
     train_student,
 )
-from wsi_lymph.training.settings import StudentRecipe
+from wsi_lymph.training.settings import RECIPE_FIELDS_ADDED, StudentRecipe
 
 
 def _plan(folder: Path) -> Path:
@@ -204,7 +205,7 @@ def test_stain_copies_carry_the_jitter_instead_of_the_crops(tmp_path):
     pair = DistillPair("noise", rng.uniform(0, 255, (80, 80, 3)).astype(np.float32),
                        rng.uniform(0, 1, (320, 320)).astype(np.float32))
     copies, plain, on_the_fly = (sample_batch([pair], StudentRecipe(batch_size=2, **fields), 9, step=0)[0]
-                                 for fields in ({"stain_copies": 1}, {"stain_jitter": 0.0}, {}))
+                                 for fields in ({"stain_copies": 1}, {"stain_jitter": 0.0}, {"stain_copies": 0}))
     np.testing.assert_array_equal(copies, plain)
     assert not np.array_equal(copies, on_the_fly)
 
@@ -220,3 +221,24 @@ def test_train_student_trains_the_network_it_is_given(tmp_path):
     net, _, start = train_student([pair], tmp_path, recipe, net=wide, log=lambda message: None)
     assert net is wide and start == 0 and net.conv5.out_channels == 16
     assert not torch.equal(net.conv5.weight, before)  # trained, not just handed back
+
+
+def test_a_checkpoint_from_before_a_recipe_field_resumes_only_the_recipe_it_was_trained_with(tmp_path):
+    """A checkpoint saved before ``scale_jitter`` and ``stain_copies`` existed was trained without them (0), whatever
+    today's defaults are: it resumes that recipe and refuses one that uses either."""
+    rng = np.random.default_rng(4)
+    pair = DistillPair("noise", rng.uniform(0, 255, (80, 80, 3)).astype(np.float32),
+                       rng.uniform(0, 1, (320, 320)).astype(np.float32))
+    old = StudentRecipe(iterations=4, batch_size=2, checkpoint_every=2, scale_jitter=0.0, stain_copies=0)
+    train_student([pair], tmp_path, replace(old, iterations=2), log=lambda message: None)
+    [state_path] = tmp_path.glob("student-state-2.pt")
+    state = torch.load(state_path, weights_only=True)
+    for field in RECIPE_FIELDS_ADDED:
+        del state["recipe"][field]
+    state["recipe"]["iterations"] = 4
+    torch.save(state, state_path)
+    for changed in ({"scale_jitter": 0.1}, {"stain_copies": 1}):
+        with pytest.raises(ValueError, match="saved with another recipe"):
+            train_student([pair], tmp_path, replace(old, **changed), log=lambda message: None)
+    _, _, start = train_student([pair], tmp_path, old, log=lambda message: None)
+    assert start == 2

@@ -71,7 +71,7 @@ from wsi_lymph.slides.frame import choose_frame, coarser_frame, read_frame_windo
 from wsi_lymph.slides.reader import open_slide, read_region
 from wsi_lymph.training.cv import choose_threshold, detect_in_image
 from wsi_lymph.training.dataset import AnnotatedImage, read_dataset
-from wsi_lymph.training.settings import StudentRecipe
+from wsi_lymph.training.settings import RECIPE_FIELDS_ADDED, StudentRecipe
 
 #: Name of the distilled student in checkpoints and model cards.
 STUDENT_NAME = "wsi-lymph-student"
@@ -394,8 +394,7 @@ def train_student(
     states = _state_paths(out_dir)
     if states:
         state = torch.load(states[-1][1], map_location=device, weights_only=True)
-        # Fields added since an older checkpoint was written take their defaults (which reproduce the old recipe).
-        if {**asdict(StudentRecipe()), **state["recipe"]} != asdict(recipe):
+        if {**RECIPE_FIELDS_ADDED, **state["recipe"]} != asdict(recipe):
             raise ValueError(f"{states[-1][1]}: saved with another recipe ({state['recipe']}); use a new --out")
         net.load_state_dict(state["state_dict"])
         optimiser.load_state_dict(state["optimiser"])

@@ -109,3 +109,8 @@ class StudentRecipe:
     scale_jitter: float = 0.1
     seed: int = 0
     checkpoint_every: int = 500
+
+
+#: Recipe fields added after student checkpoints were first written, with the value the older checkpoints were
+#: trained with: a checkpoint that lacks a field resumes only a recipe with that value (not today's default).
+RECIPE_FIELDS_ADDED = {"scale_jitter": 0.0, "stain_copies": 0}
