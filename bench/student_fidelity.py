@@ -1,7 +1,8 @@
 """What limits the student's fidelity to the teacher: capacity, optimisation or augmentation?
 
-Reads a ``wsi-lymph distill`` work folder (``images/``, the teacher's stride-4 maps of the training images in
-``teacher/``, its stride-2 maps of the held-out images in ``teacher-stride2/``) and scores one student:
+Reads a ``wsi-lymph distill`` work folder (``images/`` with any stain copies, the teacher's stride-4 maps of the
+training images and copies in ``teacher/``, its stride-2 maps of the held-out images in ``teacher-stride2/``) and
+scores one student:
 
 * ``--variant shipped``: the shipped student as it is;
 * ``--variant further``: the shipped student trained ``--iterations`` more steps (learning rate ``--lr``, warm-up
@@ -64,7 +65,10 @@ def _student(args, pairs) -> tuple[SubpixelStudentNet, torch.Tensor]:
     [(shipped, mean_image)] = load_model(DEFAULT_MODEL).members
     if args.variant == "shipped":
         return shipped, mean_image
-    recipe = StudentRecipe()
+    # The shipped recipe puts the stain jitter on copies of the images; a work folder without copies gets it on
+    # the crops as they are drawn (the recipe of the students shipped before 2026-12-03).
+    has_copies = any("-stain" in pair.name for pair in pairs)
+    recipe = StudentRecipe() if has_copies else StudentRecipe(stain_copies=0)
     if args.variant == "further":
         recipe = replace(recipe, iterations=args.iterations, lr=args.lr, seed=1)  # other crops than the first time
         net = shipped
@@ -103,8 +107,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     plan = [image for image in read_plan(ROOT / "docs" / "distill-plan.json") if image.role == "train"]
-    pairs = [load_pair(image.name, args.work / "images" / f"{image.name}.tif",
-                       args.work / "teacher" / image.name / "prob.zarr") for image in plan]
+    # Each training image, and its stain copies where the folder has them (with the teacher's maps of them).
+    images = [args.work / "images" / f"{image.name}.tif" for image in plan]
+    images += [copy for image in plan for copy in sorted((args.work / "images").glob(f"{image.name}-stain*.tif"))
+               if (args.work / "teacher" / copy.stem / "prob.zarr").is_dir()]
+    pairs = [load_pair(path.stem, path, args.work / "teacher" / path.stem / "prob.zarr") for path in images]
     net, mean_image = _student(args, pairs)
     score_student([(net.eval(), mean_image)], args.work)
 

@@ -98,6 +98,8 @@ def test_distill_runs_end_to_end_and_resumes_after_a_kill(tmp_path, model_cache)
     assert names["c"]["role"] == "heldout" and len(names["a"]["prepared_sha256"]) == 64
     # One stain-jittered copy of each training image, mapped by the teacher like the originals (none of the held-out).
     assert card["recipe"]["stain_copies"] == 1
+    assert [c["name"] for c in names["a"]["stain_copies"]] == ["a-stain1"] and names["c"]["stain_copies"] == []
+    assert names["a"]["stain_copies"][0]["sha256"] == pooch.file_hash(str(out / "images" / "a-stain1.tif"))
     assert json.loads((out / RUN_SETTINGS_FILE).read_text())["teacher_stride"] == 8  # what a rerun must match
     assert sorted(p.name for p in (out / "images").glob("*-stain*.tif")) == ["a-stain1.tif", "b-stain1.tif"]
     assert all((out / "teacher" / name / "prob.zarr" / "zarr.json").is_file() for name in ("a-stain1", "b-stain1"))

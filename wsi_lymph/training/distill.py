@@ -593,7 +593,7 @@ def run_distill(
                            teacher_model.threshold, log)
     evaluation["training_resumed_from_step"] = started_at
     return _write_model(out, net, mean_image, reference, evaluation, recipe, plan, prepared, teacher_model.meta,
-                        teacher_stride_px, heldout_stride_px)
+                        teacher_stride_px, heldout_stride_px, copies)
 
 
 #: File in a distill OUT folder recording the settings its images, copies and teacher maps were made with.
@@ -703,7 +703,7 @@ def _evaluate(members: list, crops: list[AnnotatedImage], reference: LabStatisti
 
 def _write_model(out: Path, net: SubpixelStudentNet, mean_image: torch.Tensor, reference: LabStatistics,
                  evaluation: dict, recipe: StudentRecipe, plan: list[PlanImage], prepared: dict[str, Path],
-                 teacher_meta: dict, teacher_stride_px: int, heldout_stride_px: int) -> Path:
+                 teacher_meta: dict, teacher_stride_px: int, heldout_stride_px: int, copies: list[Path]) -> Path:
     """``model.pt`` (the checkpoint format, with threshold and stain reference) and ``model-card.json``."""
     meta = {
         "format": CHECKPOINT_FORMAT, "arch": STUDENT_ARCH, "name": STUDENT_NAME, "fold": None,
@@ -726,7 +726,9 @@ def _write_model(out: Path, net: SubpixelStudentNet, mean_image: torch.Tensor, r
                     "heldout_stride_px": heldout_stride_px},
         "images": [{"name": im.name, "role": im.role, "source": Path(im.path).name, "mpp": im.mpp,
                     "region_level0": im.region_level0, "source_sha256": pooch.file_hash(im.path),
-                    "prepared_sha256": pooch.file_hash(str(prepared[im.name]))} for im in plan],
+                    "prepared_sha256": pooch.file_hash(str(prepared[im.name])),
+                    "stain_copies": [{"name": c.stem, "sha256": pooch.file_hash(str(c))} for c in copies
+                                     if c.stem.rsplit("-stain", 1)[0] == im.name]} for im in plan],
         "recipe": asdict(recipe), "seed": recipe.seed, "evaluation": evaluation,
         "versions": {"wsi_lymph": __version__, "torch": torch.__version__},
     }

@@ -105,7 +105,7 @@ class StudentRecipe:
     weight_decay: float = 1e-4
     peak_weight: float = 4.0
     stain_jitter: float = 0.08
-    stain_copies: int = 0
+    stain_copies: int = 1
     scale_jitter: float = 0.1
     seed: int = 0
     checkpoint_every: int = 500
