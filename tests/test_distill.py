@@ -227,7 +227,8 @@ def test_train_student_trains_the_network_it_is_given(tmp_path):
 
 def test_a_checkpoint_from_before_a_recipe_field_resumes_only_the_recipe_it_was_trained_with(tmp_path):
     """A checkpoint saved before ``scale_jitter`` and ``stain_copies`` existed was trained without them (0), whatever
-    today's defaults are: it resumes that recipe and refuses one that uses either."""
+    today's defaults are: it resumes that recipe and refuses one that uses either.  Resuming also removes the
+    hidden temporary file of a save that a kill cut short."""
     rng = np.random.default_rng(4)
     pair = DistillPair("noise", rng.uniform(0, 255, (80, 80, 3)).astype(np.float32),
                        rng.uniform(0, 1, (320, 320)).astype(np.float32))
@@ -242,5 +243,7 @@ def test_a_checkpoint_from_before_a_recipe_field_resumes_only_the_recipe_it_was_
     for changed in ({"scale_jitter": 0.1}, {"stain_copies": 1}):
         with pytest.raises(ValueError, match="saved with another recipe"):
             train_student([pair], tmp_path, replace(old, **changed), log=lambda message: None)
+    (tmp_path / ".student-state-4.pt.x1y2z3.tmp").write_bytes(b"")  # a save a kill cut short
     _, _, start = train_student([pair], tmp_path, old, log=lambda message: None)
     assert start == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student-state-2.pt", "student-state-4.pt"]

@@ -391,6 +391,8 @@ def train_student(
     mean_t = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     optimiser = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     start = 0
+    for unfinished in out_dir.glob(".student-state-*.tmp"):  # a save cut short by a kill (one task per folder)
+        unfinished.unlink(missing_ok=True)
     states = _state_paths(out_dir)
     if states:
         state = torch.load(states[-1][1], map_location=device, weights_only=True)
