@@ -6,12 +6,13 @@ The recipe, each step resumable (a finished step's files are reused):
    µm/px) is read at the level the engine would read, stain-normalised to the
    reference domain (Reinhard, :mod:`wsi_lymph.detection.stain`, statistics of the
    whole image's tissue) and written as a small TIFF with its resolution
-   (``OUT/images/<name>.tif``);
+   (``OUT/images/<name>.tif``), with ``stain_copies`` stain-jittered copies of each
+   training image (``OUT/images/<name>-stain<k>.tif``, :func:`stain_copy`);
 2. **teacher**: the teacher's maps of those files, computed by the engine itself
    (``OUT/teacher/<name>/prob.zarr``: the ensemble, stride 4 with its cubic filling);
 3. **train**: the student learns the teacher's map from the same normalised
    pixels, read through the same code the engine runs (:func:`student_inputs`), with
-   flips, 90° rotations, stain and scale jitter; checkpoints let a stopped run resume;
+   flips, 90° rotations and scale jitter; checkpoints let a stopped run resume;
 4. **evaluate**: threshold chosen leave-one-crop-out on the annotated crops,
    concordance with the teacher on held-out images, then ``model.pt`` and
    ``model-card.json``.
