@@ -611,7 +611,9 @@ def run_settings(plan: list[PlanImage], reference: LabStatistics, recipe: Studen
     seed, teacher maps on the teacher and its strides.  The training's own settings are checked by its
     checkpoints (:func:`train_student`).
     """
-    return {"plan": [asdict(im) for im in plan], "stain_reference": reference.as_dict(), "teacher": teacher,
+    # Resolved paths: the same plan run from another working folder names the same files.
+    images = [asdict(replace(im, path=os.path.realpath(im.path))) for im in plan]
+    return {"plan": images, "stain_reference": reference.as_dict(), "teacher": teacher,
             "teacher_stride": teacher_stride_px, "heldout_stride": heldout_stride_px,
             "stain_jitter": recipe.stain_jitter, "seed": recipe.seed}
 
