@@ -8,7 +8,8 @@ scores one student:
 * ``--variant further``: the shipped student trained ``--iterations`` more steps (learning rate ``--lr``, warm-up
   and cosine decay as in distillation), with the recipe's augmentations or others (``--stain-jitter``,
   ``--scale-jitter``);
-* ``--variant wider``: a fresh student of ``--width`` channels trained with the shipped recipe.
+* ``--variant wider``: a fresh student of ``--width`` channels trained with the shipped recipe;
+* ``--variant members``: the checkpoints given with ``--members``, their maps averaged (e.g. two seeds).
 
 For each, leave-one-crop-out F on the three annotated crops (as the model card), and on held-out and training
 images the map correlation with the teacher and the concordance F (3 µm) at the student's threshold and at 0.70
@@ -34,6 +35,7 @@ import torch
 from wsi_lymph.constants import DEFAULT_MODEL, DEFAULT_TOLERANCE_UM, PAPER_THRESHOLD
 from wsi_lymph.detection.evaluate import DetectionScore, pooled
 from wsi_lymph.io.probmap_store import open_probmap
+from wsi_lymph.models.checkpoints import load_checkpoint
 from wsi_lymph.models.networks import SubpixelStudentNet
 from wsi_lymph.models.registry import load_model
 from wsi_lymph.slides.frame import choose_frame
@@ -89,7 +91,8 @@ def _student(args, pairs) -> tuple[SubpixelStudentNet, torch.Tensor]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True, help="a wsi-lymph distill --out folder")
-    parser.add_argument("--variant", choices=("shipped", "further", "wider"), default="shipped")
+    parser.add_argument("--variant", choices=("shipped", "further", "wider", "members"), default="shipped")
+    parser.add_argument("--members", type=Path, nargs="+", default=[], help="checkpoints of --variant members")
     parser.add_argument("--out", type=Path, default=None, help="an empty or new folder for a trained variant's "
                         "checkpoints (default: a fresh temporary one); one holding checkpoints is refused, since "
                         "training would resume from them rather than run")
@@ -106,6 +109,11 @@ def main() -> None:
         parser.error(f"--out {args.out} holds checkpoints of an earlier run; choose a new folder")
     torch.set_num_threads(args.threads)
 
+    if args.variant == "members":
+        if not args.members:
+            parser.error("--variant members needs --members")
+        score_student([(net.eval(), mean) for net, mean, _ in map(load_checkpoint, args.members)], args.work)
+        return
     plan = [image for image in read_plan(ROOT / "docs" / "distill-plan.json") if image.role == "train"]
     # Each training image, and its stain copies where the folder has them (with the teacher's maps of them).
     images = [args.work / "images" / f"{image.name}.tif" for image in plan]

@@ -24,7 +24,6 @@ from wsi_lymph.models.architectures import STUDENT_ARCH
 from wsi_lymph.models.checkpoints import load_checkpoint
 from wsi_lymph.models.networks import SubpixelStudentNet
 from wsi_lymph.training.distill import (
-    HELDOUT_STRIDE_PX,
     RUN_SETTINGS_FILE,
     DistillPair,
     claim_out_dir,
@@ -120,7 +119,7 @@ def test_a_rerun_with_other_settings_is_refused_before_it_reuses_the_folder(tmp_
     plan = _plan(tmp_path)
     out = tmp_path / "distill"
     reference = reference_statistics(sorted(CROPS.glob("example_?.tif")))
-    settings = run_settings(read_plan(plan), reference, StudentRecipe(), "janowczyk2016/fold1", 8, HELDOUT_STRIDE_PX)
+    settings = run_settings(read_plan(plan), reference, StudentRecipe(), "janowczyk2016/fold1", 8)
     claim_out_dir(out, settings)
     record = (out / RUN_SETTINGS_FILE).read_text()
     claim_out_dir(out, settings)  # the same settings: the folder is reused
@@ -144,8 +143,7 @@ def test_a_rerun_with_other_settings_is_refused_before_it_reuses_the_folder(tmp_
     moved["images"][0]["region"] = [710, 1000, 48, 48]
     plan.write_text(json.dumps(moved))
     with pytest.raises(ValueError, match=f"{RUN_SETTINGS_FILE}: this folder was made with another plan"):
-        claim_out_dir(out, run_settings(read_plan(plan), reference, StudentRecipe(), "janowczyk2016/fold1", 8,
-                                        HELDOUT_STRIDE_PX))
+        claim_out_dir(out, run_settings(read_plan(plan), reference, StudentRecipe(), "janowczyk2016/fold1", 8))
 
 
 def test_a_plan_without_names_or_with_an_unknown_role_is_refused_naming_the_file(tmp_path):

@@ -170,7 +170,6 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from wsi_lymph.models.checkpoints import ModelError
     from wsi_lymph.training.dataset import DatasetError, read_dataset
     from wsi_lymph.training.distill import (
-        HELDOUT_STRIDE_PX,
         check_out_dir,
         read_plan,
         reference_statistics,
@@ -188,7 +187,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     try:
         plan = read_plan(args.plan)
         reference = reference_statistics([c.image_path for c in read_dataset(args.crops)])
-        settings = run_settings(plan, reference, recipe, args.teacher, args.teacher_stride, HELDOUT_STRIDE_PX)
+        settings = run_settings(plan, reference, recipe, args.teacher, args.teacher_stride)
         try:
             check_out_dir(args.out, settings)
         except ValueError as error:
@@ -283,9 +282,9 @@ def add_training_commands(commands) -> None:
                          help="magnify each training crop by a random factor in 1 ± this, for scanners whose µm/px "
                          f"is only estimated (default {d.scale_jitter:g})")
     distill.add_argument("--stain-jitter", type=number(0.0, 0.5, high_open=True), default=d.stain_jitter,
-                         help="perturb each training crop's hematoxylin, eosin and DAB by a random scale in 1 ± this "
-                         "(shift ± this / 10); the teacher's map is not recomputed, so it trades fidelity to the "
-                         f"teacher for colour robustness (default {d.stain_jitter:g})")
+                         help="perturb hematoxylin, eosin and DAB by a random scale in 1 ± this (shift ± this / 10): "
+                         "on each stain copy, or with --stain-copies 0 on each crop as drawn, whose target then stays "
+                         f"the teacher's map of the unperturbed crop (default {d.stain_jitter:g})")
     distill.add_argument("--stain-copies", type=integer(0, 16), default=d.stain_copies,
                          help="perturb N copies of each training image instead (each once, as a whole, by "
                          "--stain-jitter) and have the teacher map them, so the targets follow the colours; "

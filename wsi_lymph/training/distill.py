@@ -568,7 +568,7 @@ def run_distill(
     out = Path(out_dir)
     crops = read_dataset(crops_dir)
     reference = reference_statistics([c.image_path for c in crops])
-    claim_out_dir(out, run_settings(plan, reference, recipe, teacher, teacher_stride_px, heldout_stride_px))
+    claim_out_dir(out, run_settings(plan, reference, recipe, teacher, teacher_stride_px))
     prepared = _prepare_all(client, plan, reference, out / "images")
     teacher_model = load_model(teacher, source=model_source)
     train = [im for im in plan if im.role == "train"]
@@ -604,18 +604,17 @@ RUN_SETTINGS_FILE = "distill-run.json"
 
 
 def run_settings(plan: list[PlanImage], reference: LabStatistics, recipe: StudentRecipe, teacher: str,
-                 teacher_stride_px: int, heldout_stride_px: int) -> dict:
+                 teacher_stride_px: int) -> dict:
     """The settings that decide the files a distill run keeps in OUT before training.
 
     Prepared images depend on the plan and the crops' stain reference, stain copies on the jitter and the
-    seed, teacher maps on the teacher and its strides.  The training's own settings are checked by its
-    checkpoints (:func:`train_student`).
+    seed, teacher maps on the teacher and its stride (held-out maps sit in a folder named by theirs).  The
+    training's own settings are checked by its checkpoints (:func:`train_student`).
     """
     # Resolved paths: the same plan run from another working folder names the same files.
     images = [asdict(replace(im, path=os.path.realpath(im.path))) for im in plan]
     return {"plan": images, "stain_reference": reference.as_dict(), "teacher": teacher,
-            "teacher_stride": teacher_stride_px, "heldout_stride": heldout_stride_px,
-            "stain_jitter": recipe.stain_jitter, "seed": recipe.seed}
+            "teacher_stride": teacher_stride_px, "stain_jitter": recipe.stain_jitter, "seed": recipe.seed}
 
 
 def check_out_dir(out_dir: str | os.PathLike, settings: dict) -> None:
