@@ -5,7 +5,9 @@ candidates by a distance transform of the whole block and sent every candidate t
 component with the greedy loop.  Now a block smooths only pixels within the kernel's reach of a pixel above the
 threshold (bit-identical values, :func:`wsi_lymph.detection.peaks.smooth_probability_at`), stamps the linking disk
 around sparse candidates, and solves the components that lie wholly inside its core itself; the driver joins only
-the components that reach a block border, and answers one-lymphocyte components without the loop.
+the components that reach a block border, and answers one-lymphocyte components without the loop.  Since the
+driver ran out of memory on dense slides, a block sends only the bounding box of each component that reaches its
+border; the join's second round solves them from windows read again from the map (timed here in the join).
 
 This bench runs both on every 2,048-px block of a stored map (the previous way is re-implemented here as the
 reference), checks that the centres are identical, and times blocks and join alternately, ``--repeats`` times,
@@ -36,10 +38,14 @@ from wsi_lymph.detection.peaks import (
     PEAK_BLOCK_PX,
     _empty_summary,
     _join_components,
-    centres_from_summaries,
+    border_components,
+    border_windows,
     disk_kernel,
     greedy_component,
+    merge_centres,
+    merge_windows,
     read_with_halo,
+    solve_border_components,
     summarise_peak_block,
 )
 from wsi_lymph.engine.centres import plan_peaks
@@ -52,7 +58,7 @@ def previous_summary(padded: np.ndarray, box: tuple[int, int, int, int], halo_px
     reach = halo_px - smooth_half
     r0, r1, c0, c1 = box
     if padded.max() <= threshold:
-        return _empty_summary(r1 - r0, c1 - c0)
+        return previous_empty_summary(r1 - r0, c1 - c0)
     smoothed = ndimage.convolve(padded.astype(np.float64), kernel, mode="reflect")[
         smooth_half:-smooth_half, smooth_half:-smooth_half]
     candidates = smoothed > threshold
@@ -63,6 +69,11 @@ def previous_summary(padded: np.ndarray, box: tuple[int, int, int, int], halo_px
     return {"rows": rows + r0, "cols": cols + c0, "values": core[rows, cols], "labels": labels[rows, cols],
             "count": count, "top": labels[0].copy(), "bottom": labels[-1].copy(), "left": labels[:, 0].copy(),
             "right": labels[:, -1].copy()}
+
+
+def previous_empty_summary(height: int, width: int) -> dict:
+    none = np.zeros(0, dtype=np.int64)
+    return {**_empty_summary(height, width), "rows": none, "cols": none, "values": np.zeros(0), "labels": none}
 
 
 def previous_greedy_per_component(rows, cols, values, owner, threshold, clear_radius_px):
@@ -85,7 +96,7 @@ def previous_join(graph, summaries: dict, threshold: float) -> tuple[np.ndarray,
     """``centres_from_summaries`` as it was: every candidate joined and solved on the driver."""
     heights, widths = graph.chunks
     grid = (len(heights), len(widths))
-    ordered = [summaries.get((i, j)) or _empty_summary(heights[i], widths[j]) for i, j in np.ndindex(grid)]
+    ordered = [summaries.get((i, j)) or previous_empty_summary(heights[i], widths[j]) for i, j in np.ndindex(grid)]
     component = _join_components(ordered, grid)
     rows = np.concatenate([b["rows"] for b in ordered])
     cols = np.concatenate([b["cols"] for b in ordered])
@@ -94,6 +105,20 @@ def previous_join(graph, summaries: dict, threshold: float) -> tuple[np.ndarray,
     centres, scores = previous_greedy_per_component(rows, cols, values, owner, threshold, CLEAR_RADIUS_PX)
     order = np.lexsort((centres[:, 1], centres[:, 0]))
     return centres[order], scores[order]
+
+
+def border_join(array, scale: np.float32, shape_rc: tuple[int, int]):
+    """The join as it is now: components across borders joined on the driver, each solved from a window read
+    again from the map (the ``peaks-border`` tasks, run here one after another)."""
+    def join(graph, summaries: dict, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+        boxes, seeds = border_components(graph, summaries)
+        windows, window_of = merge_windows(border_windows(boxes, shape_rc, graph.halo_px))
+        solved = []
+        for k, window in enumerate(windows):
+            padded = read_with_halo(array, window, graph.halo_px).astype(np.float32) * scale
+            solved.append(solve_border_components(padded, window, graph.halo_px, seeds[window_of == k], threshold))
+        return merge_centres(summaries, solved)
+    return join
 
 
 def run_stage(stage, blocks: dict, summarise, join) -> tuple[float, float, tuple[np.ndarray, np.ndarray]]:
@@ -118,9 +143,7 @@ def main() -> None:
     blocks = {index: (box, read_with_halo(array, box, stage.graph.halo_px).astype(np.float32) * scale)
               for index, box in zip(stage.graph.blocks, stage.graph.boxes, strict=True)}
     ways = {"previous": (previous_summary, previous_join),
-            "now": (summarise_peak_block,
-                    lambda graph, summaries, threshold: centres_from_summaries(graph, summaries, threshold,
-                                                                               CLEAR_RADIUS_PX))}
+            "now": (summarise_peak_block, border_join(array, scale, stage.shape_rc))}
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in ways}
     results = {}
     for _ in range(args.repeats):  # alternating, each way on the same blocks

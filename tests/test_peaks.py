@@ -11,8 +11,8 @@ import pytest
 import zarr
 
 from wsi_lymph.constants import PAPER_THRESHOLD
-from wsi_lymph.detection.peaks import detect_centers, disk_kernel, greedy_peaks, smooth_probability
-from wsi_lymph.engine.centres import find_centres, peak_block_of_store, plan_peaks
+from wsi_lymph.detection.peaks import detect_centers, disk_kernel, greedy_peaks, merge_windows, smooth_probability
+from wsi_lymph.engine.centres import find_centres, peak_block_of_store, plan_border, plan_peaks
 from wsi_lymph.io.probmap_store import computed_blocks_attr
 from wsi_lymph.slides.frame import block_boxes
 
@@ -104,7 +104,13 @@ def test_blockwise_equals_global_on_hard_maps(client, tmp_path, seed, chunk, pea
     assert graph.chunks[0][0] == (peak_block_px // chunk) * chunk and len(graph.blocks) >= 9
     for box in graph.boxes[:4]:
         summary = peak_block_of_store(store, box, graph.halo_px, PAPER_THRESHOLD)
-        np.testing.assert_array_equal(summary["values"], smoothed[summary["rows"], summary["cols"]])
+        inner = summary["centres"]
+        np.testing.assert_array_equal(summary["scores"], smoothed[inner[:, 0], inner[:, 1]])
+        # What a block sends of a component crossing its border: the box of its candidates in the core, a seed.
+        _, r0, r1, c0, c1, seed_r, seed_c = summary["border"].T
+        assert (smoothed[seed_r, seed_c] > PAPER_THRESHOLD).all()
+        assert ((box[0] <= r0) & (r0 <= seed_r) & (seed_r < r1) & (r1 <= box[1])).all()
+        assert ((box[2] <= c0) & (c0 <= seed_c) & (seed_c < c1) & (c1 <= box[3])).all()
 
 
 @pytest.mark.shared_data
@@ -117,6 +123,42 @@ def test_blockwise_equals_global_with_long_chains_across_blocks(client, tmp_path
     for chunk in (32, 45, 64):
         store = store_map(tmp_path / f"prob-{chunk}.zarr", prob, chunk)
         np.testing.assert_array_equal(find_centres(client, store, peak_block_px=chunk)[0], expected)
+    # The chain is one component over many blocks, solved by one ``peaks-border`` task from one window.
+    stage = plan_peaks(store, peak_block_px=32)
+    stage.summaries.update({index: peak_block_of_store(store, box, stage.graph.halo_px, PAPER_THRESHOLD)
+                            for index, box in zip(stage.graph.blocks, stage.graph.boxes, strict=True)})
+    plan_border(stage)
+    widths = stage.border_windows[:, 3] - stage.border_windows[:, 2]
+    assert widths.max() > 6 * 32  # over seven 32-px blocks
+
+
+@pytest.mark.shared_data
+def test_components_solved_in_one_merged_window_are_still_exact(client, tmp_path):
+    # Two parallel chains over many 32-px blocks, just too far apart to link: two components whose windows
+    # overlap so much that one window is labelled for both.
+    rows = [30 + (i % 2) * 14 for i in range(14)]
+    upper = _blob_map([(r, 20 + i * 26) for i, r in enumerate(rows)], (150, 400), np.linspace(1.0, 0.95, 14), 7.0)
+    lower = _blob_map([(r + 48, 33 + i * 26) for i, r in enumerate(rows)], (150, 400), np.linspace(0.95, 1.0, 14),
+                      7.0)
+    prob = np.maximum(upper, lower)
+    expected = _sorted(detect_centers(prob))
+    store = store_map(tmp_path / "prob.zarr", prob, 32)
+    np.testing.assert_array_equal(find_centres(client, store, peak_block_px=32)[0], expected)
+    stage = plan_peaks(store, peak_block_px=32)
+    stage.summaries.update({index: peak_block_of_store(store, box, stage.graph.halo_px, PAPER_THRESHOLD)
+                            for index, box in zip(stage.graph.blocks, stage.graph.boxes, strict=True)})
+    plan_border(stage)
+    assert len(stage.border_seeds) == 2 and len(stage.border_windows) == 1
+
+
+def test_merge_windows_joins_only_boxes_that_cost_no_more_together():
+    cores = np.array([[0, 10, 0, 10], [5, 15, 0, 10], [9, 30, 9, 30], [100, 110, 100, 110]])
+    windows, window_of = merge_windows(cores)
+    # The first two overlap by half (joint 150 px² <= 200): one window.  The third only touches a corner
+    # (joint 900 > 150 + 441) and the fourth is far: their own windows.
+    np.testing.assert_array_equal(windows[window_of], [[0, 15, 0, 10], [0, 15, 0, 10], [9, 30, 9, 30],
+                                                       [100, 110, 100, 110]])
+    assert len(windows) == 3
 
 
 @pytest.mark.shared_data

@@ -168,10 +168,20 @@ def detect_centers(
 # it, dilates its candidates by a disk of radius ``ceil(R / 2) + 1`` (two
 # candidates closer than R then always overlap; joining a few more than necessary
 # is harmless) and labels the dilated mask of its core; labels touching across
-# block borders (8-connectivity) are joined as a graph (:func:`centres_from_summaries`),
+# block borders (8-connectivity) are joined as a graph (:func:`border_components`),
 # which gives the connected components of the whole dilated mask for any block
 # size.  A centre belongs to the block whose core holds it.  Ties are broken in
 # row-major order of global coordinates, as in the global pass.
+#
+# A block solves the components wholly inside its core itself.  For those that
+# reach its border it sends only their bounding box and one candidate (a seed):
+# on a lymphocyte-dense slide their candidates number tens of millions of pixels,
+# too many to gather on the driver.  The driver joins the labels into components
+# (:func:`border_components`) and each joined component is solved on a worker
+# from a window around its bounding box read again from the map
+# (:func:`solve_border_components`; overlapping windows merged by
+# :func:`merge_windows`): the window's own labelling holds the whole
+# component, so its label at the seed is exactly that component.
 
 
 @dataclass(frozen=True)
@@ -307,42 +317,17 @@ def dilate_by_disk(mask: np.ndarray, radius_px: int) -> np.ndarray:
     return canvas.reshape(height, width)[radius_px:-radius_px, radius_px:-radius_px] | mask
 
 
-def summarise_peak_block(
-    padded: np.ndarray,
-    box: tuple[int, int, int, int],
-    halo_px: int,
-    threshold: float = PAPER_THRESHOLD,
-    smooth_radius_px: float = SMOOTH_RADIUS_PX,
-    clear_radius_px: float = CLEAR_RADIUS_PX,
-) -> dict:
-    """One peak block: candidates of its core with component labels, and the labels on its border.
+def _linked_candidates(padded: np.ndarray, core_shape: tuple[int, int], halo_px: int, threshold: float,
+                       smooth_radius_px: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """Candidates of a core (smoothed P above the threshold) and the labels of its linked mask.
 
-    Parameters
-    ----------
-    padded : np.ndarray
-        P of the block's core plus ``halo_px`` on every side (mirrored at the map border),
-        as :func:`read_with_halo` gives it.
-    box : (r0, r1, c0, c1)
-        The core in map pixels.
-    halo_px : int
-        Smoothing radius (ceil) plus :func:`linking_reach_px`.
-
-    Returns
-    -------
-    dict
-        ``centres`` ((n, 2) map pixels (row, col)) and ``scores`` of the components that lie wholly inside
-        the core, solved here; ``rows``, ``cols`` (map pixels), ``values`` (smoothed P) and ``labels`` of the
-        candidates of the components that reach the core's border, left to the join across blocks;
-        ``count`` labels; the labels along the core's ``top``, ``bottom``, ``left`` and ``right`` edges.
+    Returns the core's candidates as ``rows``, ``cols`` (core pixels, row-major order) and ``values``, the
+    label of the dilated candidate mask (8-connected) at each pixel of the core, and the number of labels.
     """
     kernel = disk_kernel(smooth_radius_px)
     smooth_half = kernel.shape[0] // 2
     reach = halo_px - smooth_half
-    r0, r1, c0, c1 = box
-    padded = np.asarray(padded)
-    # The smoothed value is a weighted mean: nothing in core or reach can pass the threshold.
-    if padded.size == 0 or padded.max() <= threshold:
-        return _empty_summary(r1 - r0, c1 - c0)
+    height, width = core_shape
     # Smoothed P is needed only where it can pass the threshold: where the largest P under the kernel does
     # (a weighted mean never exceeds its largest term; the margin covers float64 rounding of the sum).  Usually a
     # few per cent of a block, where smoothing just those pixels is exact and several times cheaper.
@@ -361,33 +346,78 @@ def summarise_peak_block(
     candidates[rows, cols] = True
     linked = dilate_by_disk(candidates, reach)[reach:-reach, reach:-reach]
     labels, count = ndimage.label(linked, structure=np.ones((3, 3), dtype=bool))
-    # The core's candidates, in row-major order like np.nonzero.
-    in_core = (rows >= reach) & (rows < reach + r1 - r0) & (cols >= reach) & (cols < reach + c1 - c0)
-    rows, cols, values = rows[in_core] - reach, cols[in_core] - reach, values[in_core]
+    in_core = (rows >= reach) & (rows < reach + height) & (cols >= reach) & (cols < reach + width)
+    return rows[in_core] - reach, cols[in_core] - reach, values[in_core], labels, count
+
+
+def summarise_peak_block(
+    padded: np.ndarray,
+    box: tuple[int, int, int, int],
+    halo_px: int,
+    threshold: float = PAPER_THRESHOLD,
+    smooth_radius_px: float = SMOOTH_RADIUS_PX,
+    clear_radius_px: float = CLEAR_RADIUS_PX,
+) -> dict:
+    """One peak block: the centres of the components inside its core, and what the join needs of the others.
+
+    Parameters
+    ----------
+    padded : np.ndarray
+        P of the block's core plus ``halo_px`` on every side (mirrored at the map border),
+        as :func:`read_with_halo` gives it.
+    box : (r0, r1, c0, c1)
+        The core in map pixels.
+    halo_px : int
+        Smoothing radius (ceil) plus :func:`linking_reach_px`.
+
+    Returns
+    -------
+    dict
+        ``centres`` ((n, 2) map pixels (row, col)) and ``scores`` of the components that lie wholly inside
+        the core, solved here; ``border``, one row per label of a component that reaches the core's border
+        and has candidates in the core: (label, r0, r1, c0, c1, seed row, seed col), the bounding box of
+        those candidates (map pixels, end exclusive) and the first of them in row-major order; ``count``
+        labels; the labels along the core's ``top``, ``bottom``, ``left`` and ``right`` edges.
+    """
+    r0, r1, c0, c1 = box
+    padded = np.asarray(padded)
+    # The smoothed value is a weighted mean: nothing in core or reach can pass the threshold.
+    if padded.size == 0 or padded.max() <= threshold:
+        return _empty_summary(r1 - r0, c1 - c0)
+    rows, cols, values, labels, count = _linked_candidates(padded, (r1 - r0, c1 - c0), halo_px, threshold,
+                                                           smooth_radius_px)
     owner = labels[rows, cols]
     # A component whose label is on none of the core's edges lies wholly inside it (a connected set that left the
     # core would cross an edge): it is a whole component of the map, solved here as the join would solve it.
-    # Most are; the driver then only receives the candidates of components that reach the border.
-    edges = {"top": labels[0].copy(), "bottom": labels[-1].copy(), "left": labels[:, 0].copy(),
-             "right": labels[:, -1].copy()}
+    # Most are; the driver then only receives the bounding boxes of the components that reach the border.
+    label_type = np.min_scalar_type(count)  # edges are most of a summary's bytes on the driver
+    edges = {"top": labels[0].astype(label_type), "bottom": labels[-1].astype(label_type),
+             "left": labels[:, 0].astype(label_type), "right": labels[:, -1].astype(label_type)}
     on_border = np.zeros(count + 1, dtype=bool)
     on_border[np.concatenate(list(edges.values()))] = True
     inside = ~on_border[owner]
     centres, scores = _greedy_per_component(rows[inside] + r0, cols[inside] + c0, values[inside], owner[inside],
                                             threshold, clear_radius_px)
-    reaching = ~inside
-    return {
-        "centres": centres, "scores": scores,
-        "rows": rows[reaching] + r0, "cols": cols[reaching] + c0, "values": values[reaching],
-        "labels": owner[reaching], "count": count, **edges,
-    }
+    return {"centres": centres, "scores": scores,
+            "border": _label_boxes(owner[~inside], rows[~inside] + r0, cols[~inside] + c0),
+            "count": count, **edges}
 
 
-def centres_from_summaries(
-    graph: PeakGraph, summaries: dict[tuple[int, int], dict], threshold: float, clear_radius_px: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Join the block summaries' border components and solve each exactly with :func:`greedy_peaks`; add the
-    components the blocks solved themselves.
+def _label_boxes(owner: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """(k, 7) int64 rows (label, r0, r1, c0, c1, seed row, seed col) of candidates given in row-major order."""
+    if owner.size == 0:
+        return np.zeros((0, 7), dtype=np.int64)
+    order = np.argsort(owner, kind="stable")  # stable: each label's candidates stay row-major
+    owner, rows, cols = owner[order], rows[order], cols[order]
+    starts = np.flatnonzero(np.r_[True, np.diff(owner) != 0])
+    return np.stack([owner[starts], np.minimum.reduceat(rows, starts), np.maximum.reduceat(rows, starts) + 1,
+                     np.minimum.reduceat(cols, starts), np.maximum.reduceat(cols, starts) + 1,
+                     rows[starts], cols[starts]], axis=1).astype(np.int64)
+
+
+def border_components(graph: PeakGraph, summaries: dict[tuple[int, int], dict]
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """The components that cross block borders, joined over the block summaries.
 
     Parameters
     ----------
@@ -396,8 +426,137 @@ def centres_from_summaries(
     summaries : dict
         :func:`summarise_peak_block` of every block in ``graph.blocks``, by block index
         (blocks left out of the plan count as empty).
-    threshold, clear_radius_px : float
-        As for :func:`greedy_peaks`.
+
+    Returns
+    -------
+    boxes : np.ndarray
+        (m, 4) int64 (r0, r1, c0, c1) bounding box of each component's candidates, in map pixels.
+    seeds : np.ndarray
+        (m, 2) int64 (row, col) of one candidate of each component.
+    """
+    heights, widths = graph.chunks
+    grid = (len(heights), len(widths))
+    ordered = [summaries.get((i, j)) or _empty_summary(heights[i], widths[j]) for i, j in np.ndindex(grid)]
+    component = _join_components(ordered, grid)
+    records = np.concatenate([b["border"] for b in ordered])
+    if records.size == 0:
+        return np.zeros((0, 4), dtype=np.int64), np.zeros((0, 2), dtype=np.int64)
+    owner = np.concatenate([component[i][b["border"][:, 0]] for i, b in enumerate(ordered)])
+    order = np.argsort(owner, kind="stable")
+    owner, records = owner[order], records[order]
+    starts = np.flatnonzero(np.r_[True, np.diff(owner) != 0])
+    boxes = np.stack([np.minimum.reduceat(records[:, 1], starts), np.maximum.reduceat(records[:, 2], starts),
+                      np.minimum.reduceat(records[:, 3], starts), np.maximum.reduceat(records[:, 4], starts)],
+                     axis=1)
+    return boxes, records[starts, 5:7]
+
+
+def border_windows(boxes: np.ndarray, shape_rc: tuple[int, int], halo_px: int,
+                   smooth_radius_px: float = SMOOTH_RADIUS_PX) -> np.ndarray:
+    """The core to label around each component's bounding box: grown by the linking reach and one pixel.
+
+    The component's linked mask reaches the reach beyond its candidates, so with one pixel more it
+    touches no edge of the window and the window's labelling holds it whole.  Clipped to the map:
+    the linked mask is labelled only on the map, as the blocks label it.
+    """
+    margin = halo_px - int(np.ceil(smooth_radius_px)) + 1
+    grown = boxes + np.array([-margin, margin, -margin, margin])
+    return np.clip(grown, 0, np.repeat(np.asarray(shape_rc), 2)).astype(np.int64)
+
+
+def merge_windows(cores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Merge overlapping cores whose joint bounding box is no larger than their areas together.
+
+    Dense tissue links lymphocytes into large components whose cores overlap; labelling their joint box once
+    costs less than labelling each.  Any box holding whole cores is exact (see :func:`solve_border_components`).
+
+    Returns
+    -------
+    windows : np.ndarray
+        (w, 4) int64 (r0, r1, c0, c1) boxes, in map pixels.
+    window_of : np.ndarray
+        (m,) index into ``windows`` of each core.
+    """
+    boxes = np.array(cores, dtype=np.int64).reshape(-1, 4)
+    window_of = np.arange(len(boxes))
+    alive = np.ones(len(boxes), dtype=bool)
+    merged = True
+    while merged:
+        merged = False
+        for i in np.argsort(-(boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2]), kind="stable"):
+            if not alive[i]:
+                continue
+            r0, r1, c0, c1 = boxes[i]
+            overlap = alive & (boxes[:, 0] < r1) & (boxes[:, 1] > r0) & (boxes[:, 2] < c1) & (boxes[:, 3] > c0)
+            overlap[i] = False
+            for j in np.flatnonzero(overlap):
+                joint = (min(r0, boxes[j, 0]), max(r1, boxes[j, 1]), min(c0, boxes[j, 2]), max(c1, boxes[j, 3]))
+                if ((joint[1] - joint[0]) * (joint[3] - joint[2])
+                        <= (r1 - r0) * (c1 - c0) + (boxes[j, 1] - boxes[j, 0]) * (boxes[j, 3] - boxes[j, 2])):
+                    r0, r1, c0, c1 = joint
+                    alive[j], merged = False, True
+                    window_of[window_of == j] = i
+            boxes[i] = r0, r1, c0, c1
+    kept = np.flatnonzero(alive)
+    return boxes[kept], np.searchsorted(kept, window_of)
+
+
+def solve_border_components(
+    padded: np.ndarray,
+    window: tuple[int, int, int, int],
+    halo_px: int,
+    seeds: np.ndarray,
+    threshold: float = PAPER_THRESHOLD,
+    smooth_radius_px: float = SMOOTH_RADIUS_PX,
+    clear_radius_px: float = CLEAR_RADIUS_PX,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Centres of components that cross block borders, each solved alone as the global pass would.
+
+    The window is labelled once.  Each component lies inside its core (:func:`border_windows`), inside the
+    window, so the window's labels hold each whole, and distinct components keep distinct labels.
+
+    Parameters
+    ----------
+    padded : np.ndarray
+        P of ``window`` plus ``halo_px`` on every side, as :func:`read_with_halo` gives it.
+    window : (r0, r1, c0, c1)
+        Map pixels that hold the cores of the components (:func:`merge_windows`).
+    halo_px : int
+        As for :func:`summarise_peak_block`.
+    seeds : np.ndarray
+        (m, 2) (row, col) of one candidate of each component (:func:`border_components`), in map pixels.
+
+    Returns
+    -------
+    centres : np.ndarray
+        (n, 2) int64 (row, col) map pixels.
+    scores : np.ndarray
+        (n,) float64 smoothed P at the centres.
+    """
+    r0, r1, c0, c1 = window
+    seeds = np.asarray(seeds).reshape(-1, 2)
+    rows, cols, values, labels, _ = _linked_candidates(padded, (r1 - r0, c1 - c0), halo_px, threshold,
+                                                       smooth_radius_px)
+    owner = labels[rows, cols]
+    members = np.isin(owner, labels[seeds[:, 0] - r0, seeds[:, 1] - c0])
+    return _greedy_per_component(rows[members] + r0, cols[members] + c0, values[members], owner[members],
+                                 threshold, clear_radius_px)
+
+
+def group_border_windows(windows: np.ndarray, chunks) -> list[np.ndarray]:
+    """Indices of ``windows`` (ascending) grouped by the peak block that holds each one's top-left pixel."""
+    if len(windows) == 0:
+        return []
+    row_edges, col_edges = (np.cumsum((0,) + tuple(axis)) for axis in chunks)
+    block = (np.searchsorted(row_edges, windows[:, 0], side="right") * len(col_edges)
+             + np.searchsorted(col_edges, windows[:, 2], side="right"))
+    order = np.argsort(block, kind="stable")
+    return np.split(order, np.flatnonzero(np.diff(block[order])) + 1)
+
+
+def merge_centres(summaries: dict[tuple[int, int], dict], solved: list[tuple[np.ndarray, np.ndarray]]
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The centres the blocks solved and those solved across borders, in row-major order.
 
     Returns
     -------
@@ -406,19 +565,9 @@ def centres_from_summaries(
     scores : np.ndarray
         (n,) float64 smoothed P at the centres.
     """
-    heights, widths = graph.chunks
-    grid = (len(heights), len(widths))
-    ordered = [
-        summaries.get((i, j)) or _empty_summary(heights[i], widths[j]) for i, j in np.ndindex(grid)
-    ]
-    component = _join_components(ordered, grid)
-    rows = np.concatenate([b["rows"] for b in ordered])
-    cols = np.concatenate([b["cols"] for b in ordered])
-    values = np.concatenate([b["values"] for b in ordered])
-    owner = np.concatenate([component[i][b["labels"]] for i, b in enumerate(ordered)])
-    joined, joined_scores = _greedy_per_component(rows, cols, values, owner, threshold, clear_radius_px)
-    centres = np.concatenate([joined, *(b["centres"] for b in ordered)])
-    scores = np.concatenate([joined_scores, *(b["scores"] for b in ordered)])
+    parts = [(b["centres"], b["scores"]) for b in summaries.values()] + list(solved)
+    centres = np.concatenate([np.zeros((0, 2), dtype=np.int64), *(c for c, _ in parts)])
+    scores = np.concatenate([np.zeros(0), *(s for _, s in parts)])
     order = np.lexsort((centres[:, 1], centres[:, 0]))
     return centres[order], scores[order]
 
@@ -485,12 +634,11 @@ def _blocks_near_boxes(chunks, boxes: list[tuple[int, int, int, int]], margin_px
 
 def _empty_summary(height: int, width: int) -> dict:
     """Summary of a block without candidates or dilated mask."""
-    none = np.zeros(0, dtype=np.int64)
     return {
         "centres": np.zeros((0, 2), dtype=np.int64), "scores": np.zeros(0),
-        "rows": none, "cols": none, "values": np.zeros(0), "labels": none, "count": 0,
-        "top": np.zeros(width, np.int32), "bottom": np.zeros(width, np.int32),
-        "left": np.zeros(height, np.int32), "right": np.zeros(height, np.int32),
+        "border": np.zeros((0, 7), dtype=np.int64), "count": 0,
+        "top": np.zeros(width, np.uint8), "bottom": np.zeros(width, np.uint8),
+        "left": np.zeros(height, np.uint8), "right": np.zeros(height, np.uint8),
     }
 
 

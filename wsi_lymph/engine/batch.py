@@ -7,9 +7,10 @@ Every slide goes through the same stages, named as the dashboard shows them:
     it decides which blocks can hold lymphocytes and gives the tissue area;
 ``infer-*``
     one task per kept block, writing whole chunks of the slide's Zarr map (:func:`infer_block`);
-``peaks-*``
+``peaks-*``, ``peaks-border-*``
     blockwise smoothing, candidate linking and labelling of the finished map,
-    only over the peak blocks that can hold centres (:mod:`wsi_lymph.engine.centres`);
+    only over the peak blocks that can hold centres, then the components that
+    cross block borders, solved from windows of the map (:mod:`wsi_lymph.engine.centres`);
 ``write-*``
     the slide's hotspot and outputs (:func:`wsi_lymph.engine.write_task.write_slide`).
 
@@ -55,7 +56,15 @@ from wsi_lymph.detection.inference import block_probabilities
 from wsi_lymph.detection.peaks import PEAK_BLOCK_PX
 from wsi_lymph.detection.sanity import check_stain, implausible_results
 from wsi_lymph.detection.stain import LabStatistics, ReinhardTransform, slide_lab_statistics
-from wsi_lymph.engine.centres import PeakStage, centres_of_stage, new_task_token, plan_peaks, submit_peak_blocks
+from wsi_lymph.engine.centres import (
+    PeakStage,
+    centres_of_stage,
+    new_task_token,
+    plan_border,
+    plan_peaks,
+    submit_border_solves,
+    submit_peak_blocks,
+)
 from wsi_lymph.engine.cluster import has_gpu_workers, worker_threads
 from wsi_lymph.engine.monitor import ProgressPublisher, QuietTaskErrors
 from wsi_lymph.engine.params import (
@@ -97,7 +106,7 @@ logger = logging.getLogger(__name__)  # tracebacks of failed tasks, at DEBUG: th
 
 #: Key prefixes of the batch's tasks, one per stage (see the module docstring).
 STAGES = ("read", "hematoxylin", "hematoxylin-cells", "hematoxylin-summary", "stain-statistics", "infer", "peaks",
-          "pyramid", "write")
+          "peaks-border", "pyramid", "write")
 #: Errors that will not go away by trying again: the slide stops at once, its other tasks are cancelled.
 LASTING_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT,
                             errno.ENOTDIR, errno.EISDIR, errno.EFBIG})
@@ -592,7 +601,7 @@ class _Batch:
         if slide.write_started:  # also where only the outputs are written again (no peak stage)
             stage, done, total = "write", 0, 1
         elif slide.peaks is not None:
-            stage, done, total = "peaks", len(slide.peaks.summaries), len(slide.peaks.graph.blocks)
+            stage, done, total = "peaks", slide.peaks.tasks_done, slide.peaks.tasks_total
             if slide.peaks.complete:  # the centres are found: the map's pyramid is written, then the outputs
                 stage, done, total = "pyramid", 0, 1
         elif slide.needs_statistics:
@@ -817,22 +826,40 @@ class _Batch:
             slide.peaks = plan_peaks(slide.final_store, options.threshold, options.peak_block_px)
         except Exception as error:
             return self._fail(slide, f"{slide.info.path}: peak detection failed: {_describe(error)}")
-        if slide.peaks.complete:  # no block can hold a centre
-            return self._on_peaks_complete(slide)
+        if slide.peaks.blocks_done:  # no block can hold a centre
+            return self._start_border(slide)
         for index, future in submit_peak_blocks(self.client, slide.peaks, slide.token):
-            self.tasks.watch(future, lambda f, s=slide, i=index: self._on_peak_block(s, i, f))
+            self.tasks.watch(future, lambda f, s=slide, i=index: self._on_peak_task(s, i, f))
 
-    def _on_peak_block(self, slide: _Slide, index: tuple[int, int], future: Future) -> None:
+    def _start_border(self, slide: _Slide) -> None:
+        """The second round: the components that cross block borders, solved on the workers."""
+        try:
+            plan_border(slide.peaks)
+        except Exception as error:
+            return self._fail(slide, f"{slide.info.path}: peak detection failed: {_describe(error)}")
+        if slide.peaks.complete:  # no component crosses a border
+            return self._on_peaks_complete(slide)
+        for number, future in submit_border_solves(self.client, slide.peaks, slide.token):
+            self.tasks.watch(future, lambda f, s=slide, n=number: self._on_peak_task(s, n, f))
+
+    def _on_peak_task(self, slide: _Slide, index: tuple[int, int] | int, future: Future) -> None:
+        """A ``peaks`` block (index (i, j)) or a ``peaks-border`` task (its number) has finished."""
         if slide.failed:
             return
         try:
-            slide.peaks.summaries[index] = future.result()
+            result = future.result()
         except Exception as error:
-            logger.debug("%s: peak block %s failed", slide.name, index, exc_info=error)
+            logger.debug("%s: peak task %s failed", slide.name, index, exc_info=error)
             return self._fail(slide, f"peak detection failed: {_plain_os_error(error)}; {_remedy(error)}"
                               if _lasting(error) else f"{slide.info.path}: peak detection failed: {_describe(error)}")
-        if slide.peaks.complete:
-            self._on_peaks_complete(slide)
+        if isinstance(index, tuple):
+            slide.peaks.summaries[index] = result
+            if slide.peaks.blocks_done:
+                self._start_border(slide)
+        else:
+            slide.peaks.solved[index] = result
+            if slide.peaks.complete:
+                self._on_peaks_complete(slide)
 
     def _on_peaks_complete(self, slide: _Slide) -> None:
         result = slide.result

@@ -1,9 +1,16 @@
-"""The peak stage on a stored map: plan the ``peaks`` tasks, the task itself, the join.
+"""The peak stage on a stored map: plan the ``peaks`` tasks, the tasks themselves, the join.
+
+Two rounds of tasks.  ``peaks`` tasks (:func:`peak_block_of_store`) summarise one
+block each: the centres of the components inside it, and the bounding box of each
+component that crosses its border.  Once all are in, the driver joins those
+components (:func:`plan_border`) and ``peaks-border`` tasks
+(:func:`peak_border_of_store`) solve them from windows read again from the map.
 
 One code path: the batch (:mod:`wsi_lymph.engine.batch`) and :func:`find_centres`
-both plan with :func:`plan_peaks`, submit :func:`peak_block_of_store` tasks with
-:func:`submit_peak_blocks` and join them with :func:`join_peaks`; the batch
-collects the summaries as they arrive, :func:`find_centres` waits for them.
+both plan with :func:`plan_peaks` and :func:`plan_border`, submit with
+:func:`submit_peak_blocks` and :func:`submit_border_solves` and join with
+:func:`join_peaks`; the batch collects the results as they arrive,
+:func:`find_centres` waits for them.
 
 Radii follow the map's frame: the paper's 6 px (smoothing) and 28 px (clearing)
 are model-frame pixels at 0.125 µm/px, and maps are stored in the model frame,
@@ -25,9 +32,14 @@ from wsi_lymph.constants import CLEAR_RADIUS_PX, SMOOTH_RADIUS_PX
 from wsi_lymph.detection.peaks import (
     PEAK_BLOCK_PX,
     PeakGraph,
-    centres_from_summaries,
+    border_components,
+    border_windows,
+    group_border_windows,
+    merge_centres,
+    merge_windows,
     peak_blocks,
     read_with_halo,
+    solve_border_components,
     summarise_peak_block,
 )
 from wsi_lymph.io.outputs import centres_table
@@ -51,6 +63,13 @@ class PeakStage:
         The map's rows and columns (model-frame px).
     summaries : dict
         :func:`wsi_lymph.detection.peaks.summarise_peak_block` of each finished block, by block index.
+    border_windows, border_seeds, border_window_of : np.ndarray or None
+        Once every block is in (:func:`plan_border`): the windows to label, (w, 4) map pixels, and one seed
+        of each component that crosses block borders, (m, 2) map pixels, with the window that holds it, (m,).
+    border_groups : list of np.ndarray or None
+        Indices into ``border_windows`` of each ``peaks-border`` task.
+    solved : dict
+        (centres, scores) of each finished ``peaks-border`` task, by task number.
     """
 
     store: str
@@ -58,15 +77,34 @@ class PeakStage:
     attrs: dict
     shape_rc: tuple[int, int]
     summaries: dict[tuple[int, int], dict] = field(default_factory=dict)
+    border_windows: np.ndarray | None = None
+    border_seeds: np.ndarray | None = None
+    border_window_of: np.ndarray | None = None
+    border_groups: list[np.ndarray] | None = None
+    solved: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @property
     def threshold(self) -> float:
         return self.attrs["threshold_used"]
 
     @property
-    def complete(self) -> bool:
+    def blocks_done(self) -> bool:
         """Every planned block has its summary."""
         return len(self.summaries) == len(self.graph.blocks)
+
+    @property
+    def complete(self) -> bool:
+        """Every block has its summary and every component across borders is solved."""
+        return self.border_groups is not None and len(self.solved) == len(self.border_groups)
+
+    @property
+    def tasks_done(self) -> int:
+        return len(self.summaries) + len(self.solved)
+
+    @property
+    def tasks_total(self) -> int:
+        """Tasks of both rounds, as far as they are known (the second round is planned after the first)."""
+        return len(self.graph.blocks) + len(self.border_groups or ())
 
 
 def new_task_token() -> str:
@@ -122,9 +160,50 @@ def submit_peak_blocks(client: Client, stage: PeakStage, token: str) -> list[tup
     ]
 
 
+def plan_border(stage: PeakStage) -> None:
+    """Join the components that cross block borders and plan the ``peaks-border`` tasks that solve them."""
+    boxes, stage.border_seeds = border_components(stage.graph, stage.summaries)
+    cores = border_windows(boxes, stage.shape_rc, stage.graph.halo_px, SMOOTH_RADIUS_PX)
+    stage.border_windows, stage.border_window_of = merge_windows(cores)
+    stage.border_groups = group_border_windows(stage.border_windows, stage.graph.chunks)
+
+
+def peak_border_of_store(prob_store: str, windows: np.ndarray, seeds: np.ndarray, window_of: np.ndarray,
+                         halo_px: int, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """One ``peaks-border`` task: read the box holding ``windows`` once and solve the components in each.
+
+    See :func:`wsi_lymph.detection.peaks.solve_border_components`; ``window_of`` gives each seed's window.
+    Values are decoded as in :func:`peak_block_of_store`.
+    """
+    array = zarr.open_array(prob_store, mode="r")
+    scale = np.float32(dict(array.attrs)["wsi_lymph"]["value_scale"])
+    top, left = int(windows[:, 0].min()), int(windows[:, 2].min())
+    whole = (top, int(windows[:, 1].max()), left, int(windows[:, 3].max()))
+    padded = read_with_halo(array, whole, halo_px).astype(np.float32) * scale
+    found = []
+    for k, (r0, r1, c0, c1) in enumerate(windows):
+        part = padded[r0 - top: r1 - top + 2 * halo_px, c0 - left: c1 - left + 2 * halo_px]
+        found.append(solve_border_components(part, (r0, r1, c0, c1), halo_px, seeds[window_of == k], threshold,
+                                             SMOOTH_RADIUS_PX, CLEAR_RADIUS_PX))
+    return np.concatenate([c for c, _ in found]), np.concatenate([s for _, s in found])
+
+
+def submit_border_solves(client: Client, stage: PeakStage, token: str) -> list[tuple[int, Future]]:
+    """Submit one ``peaks-border-<token>`` task per planned group; returns (task number, future) pairs."""
+    submitted = []
+    for number, group in enumerate(stage.border_groups):
+        in_group = np.isin(stage.border_window_of, group)
+        # Seeds point at their window's place in this task's own list.
+        window_of = np.searchsorted(group, stage.border_window_of[in_group])
+        submitted.append((number, client.submit(
+            peak_border_of_store, stage.store, stage.border_windows[group], stage.border_seeds[in_group], window_of,
+            stage.graph.halo_px, stage.threshold, key=(f"peaks-border-{token}", number), pure=False)))
+    return submitted
+
+
 def join_peaks(stage: PeakStage) -> tuple[np.ndarray, np.ndarray]:
     """Centres of a complete stage: (n, 2) int64 (row, col) map pixels in row-major order, (n,) smoothed P."""
-    return centres_from_summaries(stage.graph, stage.summaries, stage.threshold, CLEAR_RADIUS_PX)
+    return merge_centres(stage.summaries, list(stage.solved.values()))
 
 
 def centres_of_stage(stage: PeakStage) -> dict:
@@ -153,7 +232,11 @@ def find_centres(client: Client, prob_store: str | os.PathLike, threshold: float
         (n,) float64 smoothed P at the centres.
     """
     stage = plan_peaks(prob_store, threshold, peak_block_px)
-    submitted = submit_peak_blocks(client, stage, new_task_token())
+    token = new_task_token()
+    submitted = submit_peak_blocks(client, stage, token)
     summaries = client.gather([future for _, future in submitted])
     stage.summaries.update(zip([index for index, _ in submitted], summaries, strict=True))
+    plan_border(stage)
+    solves = submit_border_solves(client, stage, token)
+    stage.solved.update(zip([number for number, _ in solves], client.gather([f for _, f in solves]), strict=True))
     return join_peaks(stage)
