@@ -170,19 +170,27 @@ def plan_border(stage: PeakStage) -> None:
 
 def peak_border_of_store(prob_store: str, windows: np.ndarray, seeds: np.ndarray, window_of: np.ndarray,
                          halo_px: int, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """One ``peaks-border`` task: read the box holding ``windows`` once and solve the components in each.
+    """One ``peaks-border`` task: read ``windows`` and solve the components in each.
 
     See :func:`wsi_lymph.detection.peaks.solve_border_components`; ``window_of`` gives each seed's window.
-    Values are decoded as in :func:`peak_block_of_store`.
+    Values are decoded as in :func:`peak_block_of_store`.  The box around all windows is read once (many small
+    windows share the map's chunks) unless it is more than twice their area; then each is read on its own, so
+    a task never holds much more than its windows.
     """
     array = zarr.open_array(prob_store, mode="r")
     scale = np.float32(dict(array.attrs)["wsi_lymph"]["value_scale"])
     top, left = int(windows[:, 0].min()), int(windows[:, 2].min())
     whole = (top, int(windows[:, 1].max()), left, int(windows[:, 3].max()))
-    padded = read_with_halo(array, whole, halo_px).astype(np.float32) * scale
+    areas = (windows[:, 1] - windows[:, 0]) * (windows[:, 3] - windows[:, 2])
+    padded = None
+    if (whole[1] - whole[0]) * (whole[3] - whole[2]) <= 2 * areas.sum():
+        padded = read_with_halo(array, whole, halo_px).astype(np.float32) * scale
     found = []
     for k, (r0, r1, c0, c1) in enumerate(windows):
-        part = padded[r0 - top: r1 - top + 2 * halo_px, c0 - left: c1 - left + 2 * halo_px]
+        if padded is None:
+            part = read_with_halo(array, (r0, r1, c0, c1), halo_px).astype(np.float32) * scale
+        else:
+            part = padded[r0 - top: r1 - top + 2 * halo_px, c0 - left: c1 - left + 2 * halo_px]
         found.append(solve_border_components(part, (r0, r1, c0, c1), halo_px, seeds[window_of == k], threshold,
                                              SMOOTH_RADIUS_PX, CLEAR_RADIUS_PX))
     return np.concatenate([c for c, _ in found]), np.concatenate([s for _, s in found])
