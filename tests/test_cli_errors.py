@@ -57,6 +57,10 @@ def _usage_cases(tmp: Path) -> list[tuple[list[str], str]]:
         (["--dtype", "float8"], "--dtype"), (["--stain-norm", "macenko"], "--stain-norm"),
         (["--workers", "0"], "--workers"), (["--jobs", "0"], "--jobs"), (["--cores", "0"], "--cores"),
         (["--gpus", "-1"], "--gpus"),
+        # A dashboard address that is not one: was "Cluster failed to start: Name or service not known" (exit 1).
+        (["--dashboard", "none"], "--dashboard"), (["--dashboard", ":99999"], "--dashboard"),
+        (["--dashboard", "nosuchhost.invalid:8787"], "--dashboard"),
+        (["--memory", "lots"], "--memory"), (["--walltime", "abc"], "--walltime"),
     ]
     cases = [(["detect", slide, "--out", out, *extra], named) for extra, named in batch]
     cases += [(["probmap", slide, "--out", out, *extra], named) for extra, named in batch[:6]]

@@ -102,7 +102,24 @@ def test_flags_override_the_profile_and_keep_the_lifetime_inside_the_walltime(tm
         resolve_job_options("slurm", "nope")
     with pytest.raises(ClusterError, match="local, pbs, slurm"):
         cluster_kind("nonsense")
+    # No cores or memory anywhere: one line naming the flags (dask-jobqueue's own text spans lines and shows
+    # made-up values), before any job or certificate exists.
+    for kind in CLUSTER_KINDS:
+        unset = dask.config.set({f"jobqueue.{kind}.cores": None, f"jobqueue.{kind}.memory": None})
+        need_both = pytest.raises(ClusterError, match=rf"^{kind} jobs need --cores and --memory: pass them")
+        with unset, need_both as error, jobqueue_cluster(kind, overrides={"walltime": "01:00:00"}):
+            pass
+        assert "\n" not in str(error.value)
+        unset = dask.config.set({f"jobqueue.{kind}.cores": None, f"jobqueue.{kind}.memory": None})
+        with unset, pytest.raises(ClusterError, match=rf"^{kind} jobs need --memory: "), \
+                jobqueue_cluster(kind, overrides={"cores": 2}):
+            pass
     assert cluster_kind("tls://10.0.0.1:8786") == "address" and cluster_kind(None) == "local"
+    # A scheduler address where none listens: one line naming it (was distributed's OSError, exit 1).
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}), \
+            pytest.raises(ClusterError, match=r"^cannot reach the scheduler at tcp://127.0.0.1:1: "), \
+            dask_client(scheduler="tcp://127.0.0.1:1", quiet=True):
+        pass
 
 
 def test_each_schedulers_table_entry_reads_its_status_tool_and_walltimes():

@@ -206,9 +206,10 @@ def test_one_worker_other_blocks_and_storage_equal_the_2_worker_map(crop_maps, m
     recorder = ResourceRecorder()
     with dask_client(1, dashboard_address=":0", resources={"GPU": 1}, quiet=True) as one:
         one.register_plugin(recorder)
-        # Other chunking, float16 storage, exact stride.
+        # Other chunking, float16 storage, exact stride, and two torch threads in the one worker (what the CLI
+        # gives a lone worker on two cores; the 2-worker reference ran one each).
         out16 = crop_maps[1]["out"].parent / "one-worker-f16"
-        params = ProbmapParams(stride_px=1, dtype="float16", chunk_px=64, block_px=192)
+        params = ProbmapParams(stride_px=1, dtype="float16", chunk_px=64, block_px=192, torch_threads=2)
         [result] = run_probmaps(one, CROP_FILES[:1], out16, model=FOLD, mpp=0.5, params=params, progress=False)
         assert result.status == "done" and result.blocks_total == 9
         # Other chunking at stride 4 must be bit-identical (halo and interpolation are layout-free).

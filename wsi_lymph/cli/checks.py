@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import socket
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -107,6 +108,46 @@ def region(text: str) -> tuple[int, int, int, int]:
         raise argparse.ArgumentTypeError(
             f"wants X,Y ≥ 0 and WIDTH,HEIGHT ≥ 1 (level-0 pixels), got {text!r}")
     return x, y, width, height
+
+
+def listen_address(text: str) -> str:
+    """An argparse type: ``HOST:PORT`` or ``:PORT`` (any interface), PORT from 0 (any free port) to 65535.
+
+    The host must resolve here: a name that does not would otherwise stop the cluster half started, after the
+    slides were opened.
+    """
+    host, colon, port = text.rpartition(":")
+    if not colon or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(
+            f"wants HOST:PORT or :PORT with a port from 0 to 65535 (e.g. localhost:8787, :0), got {text!r}")
+    host = host.removeprefix("[").removesuffix("]")  # [::1]:8787
+    if host:
+        try:
+            socket.getaddrinfo(host, None)
+        except (OSError, UnicodeError):
+            raise argparse.ArgumentTypeError(f"host {host!r} of {text!r} is not known on this machine") from None
+    return text
+
+
+def byte_size(text: str) -> str:
+    """An argparse type: an amount of memory as Dask reads it (``32GB``, ``500MiB``, ``4e9``)."""
+    from dask.utils import parse_bytes
+
+    try:
+        parse_bytes(text)
+    except (ValueError, TypeError):
+        raise argparse.ArgumentTypeError(f"wants an amount of memory such as 32GB or 500MiB, got {text!r}") from None
+    return text
+
+
+def walltime(text: str) -> str:
+    """An argparse type: a job walltime, ``[D-]HH:MM:SS``, ``MM:SS``, ``D-HH`` or a bare number."""
+    # The engine's own parser, so that what passes here is what the jobs get; imported only when the option is given.
+    from wsi_lymph.engine.cluster import walltime_seconds
+
+    if walltime_seconds(text, "slurm") is None:
+        raise argparse.ArgumentTypeError(f"wants [D-]HH:MM:SS, MM:SS, D-HH or a number, e.g. 04:00:00, got {text!r}")
+    return text
 
 
 # ------------------------------------------------------------------------------------------ the file system

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from wsi_lymph.cli.checks import integer, region
+from wsi_lymph.cli.checks import byte_size, integer, listen_address, region, walltime
 
 #: ``--region``'s argparse type (X,Y ≥ 0, WIDTH,HEIGHT ≥ 1), kept under its old name.
 region_type = region
@@ -30,10 +30,11 @@ def add_cluster_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--queue", default=None, help="queue / partition of the worker jobs (default: the profile's)")
     group.add_argument("--account", default=None, help="account / project the jobs are charged to (default: the "
                        "profile's)")
-    group.add_argument("--walltime", default=None, help="walltime of each job, e.g. 04:00:00 (workers retire "
-                       "before; default: the profile's)")
+    group.add_argument("--walltime", type=walltime, default=None, help="walltime of each job, e.g. 04:00:00 "
+                       "(workers retire before; default: the profile's)")
     group.add_argument("--cores", type=integer(1), default=None, help="CPU cores per job (default: the profile's)")
-    group.add_argument("--memory", default=None, help="memory per job, e.g. 32GB (default: the profile's)")
+    group.add_argument("--memory", type=byte_size, default=None, help="memory per job, e.g. 32GB (default: the "
+                       "profile's)")
     group.add_argument("--gpus", type=integer(0), default=None, help="GPUs per job (0: CPU-only jobs; default: the "
                        "profile's)")
     group.add_argument("--tls-ca-file", default=None, help="your CA certificate (default: temporary certificates)")
@@ -43,7 +44,7 @@ def add_cluster_options(parser: argparse.ArgumentParser) -> None:
                        "copies of temporary certificates; compute nodes must see it (default ~/.cache/wsi-lymph/tls)")
     group.add_argument("--no-tls", action="store_true", help="PBS/Slurm clusters talk plain TCP (anyone who "
                        "reaches the scheduler's port can run code as you)")
-    group.add_argument("--dashboard", default=None, metavar="ADDRESS",
+    group.add_argument("--dashboard", type=listen_address, default=None, metavar="ADDRESS",
                        help="where the dashboard listens (default localhost:8787; :0 = any free port, all interfaces)")
     group.add_argument("--interface", default=None, metavar="IFACE", help="network interface the scheduler, the "
                        "workers and a host-less --dashboard bind to, e.g. lo or ib0 (default: the config's "

@@ -311,6 +311,11 @@ def resolve_job_options(kind: str, profile: str | None = None,
     -------
     dict
         Options with underscores (``job_extra_directives``, …); a ``--lifetime`` below the walltime is ensured.
+
+    Raises
+    ------
+    ClusterError
+        An unknown kind or profile, or no ``cores`` / ``memory`` from any of the three.
     """
     scheduler = _job_scheduler(kind)
     options = _section(kind)
@@ -319,6 +324,10 @@ def resolve_job_options(kind: str, profile: str | None = None,
     flags = _flag_overrides(overrides)
     gpus = flags.pop("gpus", None)
     options.update(flags)
+    missing = [f"--{key}" for key in ("cores", "memory") if options.get(key) is None]
+    if missing:  # dask-jobqueue's own message for this spans lines and names values the user never gave
+        raise ClusterError(f"{kind} jobs need {' and '.join(missing)}: pass them, or a --profile / --cluster-config "
+                           f"whose jobqueue section sets them (see cluster/jobqueue.yaml)")
     for key in ("worker_extra_args", "job_extra_directives", "job_script_prologue"):
         options[key] = list(options.get(key) or [])
     # First, so a site's own prologue can still change them (models/device.py says why).
@@ -606,7 +615,7 @@ def _check_job_options(kind: str, job_cls: type, options: Mapping[str, Any]) -> 
         job_cls(scheduler="tls://127.0.0.1:1", name="check", **{
             key: value for key, value in options.items() if key not in ("scheduler_options", "shared_temp_directory")})
     except (TypeError, ValueError) as error:
-        raise ClusterError(f"{kind} job options: {error}") from error
+        raise ClusterError(f"{kind} job options: {' '.join(str(error).split())}") from error  # one line
 
 
 @contextmanager
@@ -756,7 +765,8 @@ def dask_client(
     Raises
     ------
     ClusterError
-        Unknown kind or profile, bad job options, missing certificates, or the job scheduler refused the jobs.
+        Unknown kind or profile, bad job options, missing certificates, the job scheduler refused the jobs, or a
+        running scheduler asked for cannot be reached.
     """
     with dask_config_file(config_file):
         address = scheduler or cluster or dask.config.get("wsi-lymph.cluster.kind", None) or "local"
@@ -792,7 +802,11 @@ def _scheduler_client(address: str, security: Security | None, say: Callable[[st
     """A client of a running scheduler at ``address``."""
     if address.startswith("tls://") and security is None:
         raise ClusterError(f"{address} talks TLS: pass --tls-ca-file, --tls-cert and --tls-key")
-    with _closing(Client(address, security=security)) as client:
+    try:
+        client = Client(address, security=security)
+    except OSError as error:  # distributed's "Timed out trying to connect" (after its connect timeout), refused, …
+        raise ClusterError(f"cannot reach the scheduler at {address}: {error}") from None
+    with _closing(client):
         say(f"Dask scheduler: {address}")
         say(f"Dask dashboard: {client.dashboard_link}")
         yield client

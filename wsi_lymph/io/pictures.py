@@ -12,20 +12,17 @@ import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib
 import numpy as np
 from PIL import Image
 from skimage.draw import disk
 
-matplotlib.use("Agg")  # files only, never a window: no display on cluster nodes
-from matplotlib import patheffects  # noqa: E402
-from matplotlib import pyplot as plt  # noqa: E402
-from matplotlib.colors import Normalize  # noqa: E402
-from matplotlib.patches import Circle  # noqa: E402
+from wsi_lymph.constants import DENSITY_BIN_UM
+from wsi_lymph.io.outputs import LYMPHOCYTE_COLOUR_RGB, write_atomic
 
-from wsi_lymph.constants import DENSITY_BIN_UM  # noqa: E402
-from wsi_lymph.io.outputs import LYMPHOCYTE_COLOUR_RGB, write_atomic  # noqa: E402
+if TYPE_CHECKING:
+    from matplotlib.colors import Normalize
 
 #: The hotspot's outline on both pictures (an orange red that stands out on H&E and on the heat map's colours).
 HOTSPOT_COLOUR_RGB = (255, 59, 31)
@@ -112,8 +109,24 @@ def density_grid(centres_um: np.ndarray, extent_um: Extent, bin_um: float) -> tu
     return counts / area_mm2, x_edges, y_edges
 
 
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, never a window: no display on cluster nodes).
+
+    Imported on first use: it takes about a second, which every driver and worker process would otherwise pay
+    at start, though only the task that draws a slide's density picture needs it.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    return pyplot
+
+
 def density_norm(density: np.ndarray) -> Normalize:
     """The colour scale: from 0 (whatever the smallest bin) to the densest bin (1 when there is none)."""
+    from matplotlib.colors import Normalize
+
     top = float(np.max(density)) if density.size else 0.0
     return Normalize(vmin=0.0, vmax=top if top > 0 else 1.0)
 
@@ -150,6 +163,10 @@ def write_density_png(path: Path, centres_um: np.ndarray, extent_um: Extent, *,
     width_in = 8.0
     aspect = (y1 - y0) / max(x1 - x0, 1e-9)
     dpi = 150
+    plt = _pyplot()
+    from matplotlib import patheffects
+    from matplotlib.patches import Circle
+
     figure, axes = plt.subplots(figsize=(width_in + 1.6, min(max(width_in * aspect, 2.0), 24.0) + 1.0), dpi=dpi)
     image_extent = (x0, x1, y1, y0)  # y grows downwards, as on the slide
     if thumbnail_rgb is not None:
