@@ -28,9 +28,22 @@ def test_info_lists_levels_and_frame():
 @pytest.mark.shared_data
 def test_models_fetch_and_import_caffe(tmp_path):
     env = os.environ.copy() | {"WSI_LYMPH_CACHE": str(tmp_path / "cache")}
+
+    def listed() -> dict[str, str]:
+        run = _cli("models", "list", env=env)
+        assert run.returncode == 0, run.stderr
+        return {line.split()[0]: line for line in run.stdout.splitlines() if line.startswith(("wsi-lymph", "jan"))}
+
+    before = listed()  # an empty cache: only the shipped student works offline, and listing fetched nothing
+    assert len(before) == 7 and "shipped" in before["wsi-lymph-student"] and "(default)" in before["wsi-lymph-student"]
+    assert all("not fetched" in before[name] for name in before if name.startswith("janowczyk2016"))
+    assert not (tmp_path / "cache/models/janowczyk2016").exists()
     run = _cli("models", "fetch", "janowczyk2016", "--source", MODEL_MIRROR.as_uri(), env=env)
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("fold") >= 5 and (tmp_path / "cache/models/janowczyk2016/fold5.pt").is_file()
+    after = listed()
+    assert all("cached" in after[name] and "threshold 0.7706" in after[name] and "stain-norm auto = none" in after[name]
+               for name in after if name.startswith("janowczyk2016")), after
 
     bad = _cli("models", "fetch", "janowczyk2016", "--source", (tmp_path / "nowhere").as_uri(), "--force", env=env)
     assert bad.returncode == 1 and "WSI_LYMPH_MODEL_SOURCE" in bad.stderr

@@ -333,6 +333,27 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from wsi_lymph.cache import cache_dir
+    from wsi_lymph.models.checkpoints import ModelError
+    from wsi_lymph.models.registry import model_inventory
+
+    try:
+        entries = model_inventory()
+    except ModelError as error:
+        print(f"wsi-lymph models list: {error}", file=sys.stderr)
+        return 1
+    width = max(len(entry.name) for entry in entries)
+    for entry in entries:
+        threshold = f"threshold {entry.threshold:g}" if entry.threshold is not None else "threshold -"
+        stain = f"stain-norm auto = {entry.stain_norm}" if entry.stain_norm else "stain-norm -"
+        flag = " (default)" if entry.default else ""
+        print(f"{entry.name:<{width}}  {entry.where:<11}  {threshold:<16}  {stain:<26}  {entry.summary}{flag}")
+    if any(entry.where == "not fetched" for entry in entries):
+        print(f"not fetched: `wsi-lymph models fetch janowczyk2016` puts them in {cache_dir() / 'models'}")
+    return 0
+
+
 def cmd_models_import(args: argparse.Namespace) -> int:
     from wsi_lymph.models.caffe import CaffeImportError, import_caffe
 
@@ -417,8 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default: the files' own)")
     info.set_defaults(func=cmd_info)
 
-    models = commands.add_parser("models", help="fetch or import models").add_subparsers(
+    models = commands.add_parser("models", help="list, fetch or import models").add_subparsers(
         dest="action", required=True, metavar="ACTION")
+    listing = models.add_parser("list", help="every model name, whether it works offline here, its threshold")
+    listing.set_defaults(func=cmd_models_list)
     fetch = models.add_parser("fetch", help="download, verify and convert the paper's released models")
     fetch.add_argument("name", choices=["janowczyk2016"], help="the models to fetch: janowczyk2016")
     fetch.add_argument("--source", default=None, help="base URL or folder (default: $WSI_LYMPH_MODEL_SOURCE, else "

@@ -223,6 +223,56 @@ def resolve_model(name: str, *, fetch_missing: bool = True, source: str | None =
     return paths
 
 
+@dataclass(frozen=True)
+class ModelEntry:
+    """One name of :data:`MODEL_NAMES`, as this installation has it (:func:`model_inventory`).
+
+    Attributes
+    ----------
+    name : str
+        The name ``--model`` takes.
+    summary : str
+        What it is, in a few words.
+    default : bool
+        The model of ``detect``, ``probmap`` and ``demo`` when no ``--model`` is given.
+    where : str
+        ``"shipped"`` (in the package), ``"cached"`` (fetched into the cache) or ``"not fetched"``.
+    threshold : float or None
+        Its peak threshold on the smoothed map; None while not fetched.
+    stain_norm : str or None
+        What ``--stain-norm auto`` applies with it (``"reinhard"`` or ``"none"``); None while not fetched.
+    """
+
+    name: str
+    summary: str
+    default: bool
+    where: str
+    threshold: float | None
+    stain_norm: str | None
+
+
+def model_inventory() -> list[ModelEntry]:
+    """Every model name, what it is, and whether it works offline here; nothing is fetched.
+
+    A shipped model is checked (sha256) and loaded like any other, so a damaged installation raises
+    :class:`ModelError` here too.
+    """
+    entries = []
+    for name in MODEL_NAMES:
+        folds = _folds_of(name) or []
+        if name in SHIPPED_MODELS:
+            summary, where = "the distilled student (fast; 0.5 µm/px input, 4x4 model-frame px out)", "shipped"
+        else:
+            summary = (f"the paper's {len(folds)}-fold ensemble (exact patches, the networks averaged)"
+                       if len(folds) > 1 else f"the paper's network of fold {folds[0]} alone")
+            where = "cached" if all(janowczyk2016_checkpoint(k).is_file() for k in folds) else "not fetched"
+        meta = load_model(name, fetch_missing=False).meta if where != "not fetched" else {}
+        entries.append(ModelEntry(name=name, summary=summary, default=name == DEFAULT_MODEL, where=where,
+                                  threshold=meta.get("threshold"),
+                                  stain_norm=(meta.get("stain_norm") or "none") if meta else None))
+    return entries
+
+
 def _shipped(name: str) -> Path:
     """The file of a model shipped in the package, after checking its sha256."""
     path = SHIPPED_MODELS[name]
