@@ -21,7 +21,7 @@ from wsi_lymph.detection.sanity import check_stain, implausible_results, stain_p
 from wsi_lymph.engine.batch import SUPERSEDED_SUMMARY, map_attributes, model_description, run_detect, run_probmaps
 from wsi_lymph.engine.params import ProbmapParams, map_settings, settings_difference
 from wsi_lymph.slides.frame import choose_frame, frame_region
-from wsi_lymph.slides.reader import SlideError, open_slide, read_region, scan_slides
+from wsi_lymph.slides.reader import SlideError, file_fingerprint, open_slide, read_region, scan_slides
 
 FOLD = "janowczyk2016/fold1"
 FAST = ["--workers", "1", "--dashboard", ":0"]
@@ -152,10 +152,37 @@ def test_the_library_refuses_a_region_reaching_beyond_the_slide_as_the_cli_does(
     assert not list(tmp_path.rglob("prob.zarr"))
 
 
+@pytest.mark.shared_data
+def test_a_slide_written_again_under_its_name_is_not_already_done(client, tmp_path):
+    """A re-scan saved over the old file (same name, size and µm/px) was skipped as done, with the old results."""
+    slide, out = tmp_path / "slide.tif", tmp_path / "out"
+    pixels = tifffile.imread(CROPS / "example_1.tif")
+    tifffile.imwrite(slide, pixels)
+    original = file_fingerprint(slide)
+    params = ProbmapParams(torch_threads=1)
+    [first] = run_detect(client, [slide], out, mpp=0.5, params=params, progress=False)
+    assert first.status == "done", first.reason
+    kept = (out / "slide" / "centers.csv").read_bytes()
+    tifffile.imwrite(slide, np.ascontiguousarray(pixels[::-1]))  # the same size, other content
+    [again] = run_detect(client, [slide], out, mpp=0.5, params=params, progress=False)
+    assert again.status == "failed" and "finished in" in again.reason, again
+    assert json.loads((out / "slide" / "summary.json").read_text())["slide_fingerprint"] == original
+    before, asked = (f"a 100 x 100 px slide (file fingerprint {fingerprint})"
+                     for fingerprint in (original, file_fingerprint(slide)))
+    assert f"with {before}, asked {asked}; pass --force" in again.reason, again.reason
+    assert (out / "slide" / "centers.csv").read_bytes() == kept  # refused, not replaced unasked
+    # A copy of the original content (new modification time, same bytes) is the same slide: skipped.
+    tifffile.imwrite(tmp_path / "copy.tif", pixels)
+    (tmp_path / "copy.tif").replace(slide)
+    [third] = run_detect(client, [slide], out, mpp=0.5, params=params, progress=False)
+    assert third.status == "done" and third.reused, third
+
+
 def test_every_setting_that_changes_a_map_is_named(model_cache):
     """The comparison behind the refusals: each map-changing option is named as the user writes it."""
     model = model_description(FOLD)
     info = open_slide(CROPS / "example_1.tif", mpp=0.5)
+    info = replace(info, content_fingerprint=file_fingerprint(info.path))
     frame = choose_frame(info, model["model_mpp"], model["source_scan_mpp"])
 
     def settings(params=None, model=model, info=info, region=None):
@@ -175,6 +202,9 @@ def test_every_setting_that_changes_a_map_is_named(model_cache):
         (settings(ProbmapParams(stride_px=8, skip_hematoxylin=False)), "no --no-skip", "--no-skip"),
         (settings(region=(0, 0, 50, 50)), "the whole slide", "--region 0,0,50,50"),
         (settings(info=replace(info, mpp=0.25)), "--mpp 0.5", "--mpp 0.25"),
+        (settings(info=replace(info, content_fingerprint="0123456789abcdef")),
+         f"a 100 x 100 px slide (file fingerprint {info.content_fingerprint})",
+         "a 100 x 100 px slide (file fingerprint 0123456789abcdef)"),
     ]
     for asked, old, new in cases:
         assert settings_difference(finished, asked) == (old, new)

@@ -33,7 +33,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -98,7 +98,7 @@ from wsi_lymph.io.slide_outputs import analysed_extent_um
 from wsi_lymph.models.architectures import architecture_of
 from wsi_lymph.models.registry import load_model, resolve_model
 from wsi_lymph.slides.frame import ModelFrame, block_boxes, choose_frame, frame_region
-from wsi_lymph.slides.reader import SlideError, SlideInfo, check_min_size, open_slide
+from wsi_lymph.slides.reader import SlideError, SlideInfo, check_min_size, file_fingerprint, open_slide
 
 Logger = Callable[[str], None]
 Box = tuple[int, int, int, int]  # model-frame (r0, r1, c0, c1)
@@ -192,6 +192,8 @@ def _plan_slide(result: SlideResult, out_dir: Path, mpp: float | None, model_inf
                 params: ProbmapParams) -> _Slide:
     """Open a slide, bring it to the model frame and tile its analysed region into inference blocks."""
     info = open_slide(result.path, mpp=mpp)
+    # What the results were computed from: a slide rewritten under the same name is not "already done".
+    info = replace(info, content_fingerprint=file_fingerprint(info.path))
     frame = choose_frame(info, model_info["model_mpp"], model_info["source_scan_mpp"])
     if params.region_level0 is not None:
         x, y, width, height = params.region_level0
@@ -1153,6 +1155,7 @@ def map_attributes(info: SlideInfo, frame: ModelFrame, origin_rc, model: dict, p
             "value_scale": STORE_DTYPES[params.dtype],
             "slide": info.name,
             "slide_path": info.path,
+            "slide_fingerprint": info.content_fingerprint or None,
             "mpp": info.mpp,
             "mpp_source": info.mpp_source,
             "level0_size_xy": list(info.level_sizes_xy[0]),
@@ -1169,7 +1172,7 @@ def map_attributes(info: SlideInfo, frame: ModelFrame, origin_rc, model: dict, p
 def run_fingerprint(info: SlideInfo, frame: ModelFrame, box, model: dict, params: ProbmapParams) -> str:
     """Fingerprint of everything that determines a map's values (not where or how fast it runs)."""
     settings = asdict(params) | {"device": None, "torch_threads": None}
-    payload = [info.path, info.mpp, frame.attrs(), list(box), model["sha256"], settings]
+    payload = [info.path, info.content_fingerprint, info.mpp, frame.attrs(), list(box), model["sha256"], settings]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

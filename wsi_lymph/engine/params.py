@@ -201,7 +201,10 @@ def map_settings(attrs: dict, shape_rc: tuple[int, int]) -> dict[str, tuple[obje
     norm = params.get("stain_norm", "auto")
     settings: dict[str, tuple[object, str]] = {
         "--model": (tuple(model["sha256"]), f"--model {model['name']}"),
-        "slide": (tuple(attrs["level0_size_xy"]), "a {} x {} px slide".format(*attrs["level0_size_xy"])),
+        "slide": ((tuple(attrs["level0_size_xy"]), attrs.get("slide_fingerprint")),
+                  "a {} x {} px slide".format(*attrs["level0_size_xy"])
+                  + (f" (file fingerprint {attrs['slide_fingerprint']})" if attrs.get("slide_fingerprint")
+                     else " (file not fingerprinted)")),
         "--mpp": (attrs["mpp"], f"--mpp {attrs['mpp']:g}"),
         "--region": ((tuple(attrs["origin_rc"]), tuple(shape_rc)),
                      "--region " + ",".join(map(str, region)) if region else "the whole slide"),

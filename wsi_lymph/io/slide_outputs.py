@@ -58,6 +58,7 @@ def write_slide_outputs(slide_dir: Path, name: str, slide_path: str, attrs: dict
                                        density_bin_um=density_bin_um)
     write_json(slide_dir / "summary.json", {
         "slide": slide_path,
+        "slide_fingerprint": attrs.get("slide_fingerprint"),  # which content of that file (reader.file_fingerprint)
         "count": count,
         "analysed_area_mm2": round(area, 6),
         "tissue_area_mm2": round(tissue, 6),

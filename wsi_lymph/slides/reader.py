@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import hashlib
 import math
 import os
 import re
@@ -89,6 +90,9 @@ class SlideInfo:
         Where ``mpp`` came from (metadata key, ``"--mpp"``) or why it is missing.
     vendor : str
         Format as reported by the reader.
+    content_fingerprint : str
+        :func:`file_fingerprint` of the file where the batch driver took it ("" elsewhere: reading it costs a
+        little on every open, and only the driver compares it with finished results).
     """
     path: str
     reader: str
@@ -97,6 +101,7 @@ class SlideInfo:
     mpp: float | None
     mpp_source: str
     vendor: str = ""
+    content_fingerprint: str = ""
 
     @property
     def name(self) -> str:
@@ -117,6 +122,29 @@ class SlideInfo:
                 "pass it explicitly with --mpp UM_PER_PX (e.g. --mpp 0.5 for a 20x scan, 0.25 for 40x)"
             )
         return self.mpp
+
+
+#: Bytes read from each end of a slide file for its fingerprint.
+FINGERPRINT_SAMPLE_BYTES = 1 << 20
+
+
+def file_fingerprint(path: str | os.PathLike, sample_bytes: int = FINGERPRINT_SAMPLE_BYTES) -> str:
+    """A cheap identity of a file's content: sha256 of its size and its first and last ``sample_bytes`` (16 hex).
+
+    A slide written again under the same name (a re-scan, another export) changes it: a scanner's file begins
+    with its header (scan time, tile offsets) and ends with tiles and their index.  Copying the file does not
+    change it, unlike its modification time.  Formats of several files are fingerprinted by the file named
+    (e.g. an ``.mrxs`` index, not its data folder).
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        digest.update(str(size).encode())
+        digest.update(handle.read(sample_bytes))
+        if size > sample_bytes:
+            handle.seek(max(sample_bytes, size - sample_bytes))
+            digest.update(handle.read(sample_bytes))
+    return digest.hexdigest()[:16]
 
 
 def _plausible(mpp: float | None) -> float | None:
