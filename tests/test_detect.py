@@ -188,7 +188,7 @@ def _place_complete_map(slide_path, out_dir, prob: np.ndarray, params: ProbmapPa
     The map's attributes are the batch's own for this slide and model; its values are ``prob``.
     """
     model = model_description(FOLD)
-    info = open_slide(slide_path, mpp=0.5)
+    info = open_slide(slide_path, mpp=0.5, fingerprint=True)  # as the batch opens it
     frame = choose_frame(info, model["model_mpp"], model["source_scan_mpp"])
     box = frame_region(frame, None)
     origin_rc = (box[0], box[2])

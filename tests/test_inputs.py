@@ -181,8 +181,7 @@ def test_a_slide_written_again_under_its_name_is_not_already_done(client, tmp_pa
 def test_every_setting_that_changes_a_map_is_named(model_cache):
     """The comparison behind the refusals: each map-changing option is named as the user writes it."""
     model = model_description(FOLD)
-    info = open_slide(CROPS / "example_1.tif", mpp=0.5)
-    info = replace(info, content_fingerprint=file_fingerprint(info.path))
+    info = open_slide(CROPS / "example_1.tif", mpp=0.5, fingerprint=True)
     frame = choose_frame(info, model["model_mpp"], model["source_scan_mpp"])
 
     def settings(params=None, model=model, info=info, region=None):

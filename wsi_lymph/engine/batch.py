@@ -33,7 +33,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TextIO
 
@@ -98,7 +98,7 @@ from wsi_lymph.io.slide_outputs import analysed_extent_um
 from wsi_lymph.models.architectures import architecture_of
 from wsi_lymph.models.registry import load_model, resolve_model
 from wsi_lymph.slides.frame import ModelFrame, block_boxes, choose_frame, frame_region
-from wsi_lymph.slides.reader import SlideError, SlideInfo, check_min_size, file_fingerprint, open_slide
+from wsi_lymph.slides.reader import SlideError, SlideInfo, check_min_size, open_slide
 
 Logger = Callable[[str], None]
 Box = tuple[int, int, int, int]  # model-frame (r0, r1, c0, c1)
@@ -191,9 +191,8 @@ class _Slide:
 def _plan_slide(result: SlideResult, out_dir: Path, mpp: float | None, model_info: dict,
                 params: ProbmapParams) -> _Slide:
     """Open a slide, bring it to the model frame and tile its analysed region into inference blocks."""
-    info = open_slide(result.path, mpp=mpp)
-    # What the results were computed from: a slide rewritten under the same name is not "already done".
-    info = replace(info, content_fingerprint=file_fingerprint(info.path))
+    # With its content's fingerprint: a slide written again under the same name is not "already done".
+    info = open_slide(result.path, mpp=mpp, fingerprint=True)
     frame = choose_frame(info, model_info["model_mpp"], model_info["source_scan_mpp"])
     if params.region_level0 is not None:
         x, y, width, height = params.region_level0

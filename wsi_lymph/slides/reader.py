@@ -91,8 +91,8 @@ class SlideInfo:
     vendor : str
         Format as reported by the reader.
     content_fingerprint : str
-        :func:`file_fingerprint` of the file where the batch driver took it ("" elsewhere: reading it costs a
-        little on every open, and only the driver compares it with finished results).
+        :func:`file_fingerprint` of the file, where it was asked for (``open_slide(..., fingerprint=True)``, as
+        the batch driver does); "" elsewhere: it costs a read on every open, and only the driver compares it.
     """
     path: str
     reader: str
@@ -254,7 +254,7 @@ def _pillow_info(path: str) -> SlideInfo:
     return SlideInfo(path, "pillow", ((width, height),), (1.0,), mpp, source, "image")
 
 
-def open_slide(path: str | os.PathLike, mpp: float | None = None) -> SlideInfo:
+def open_slide(path: str | os.PathLike, mpp: float | None = None, *, fingerprint: bool = False) -> SlideInfo:
     """Read a slide's geometry and resolution (no pixels).
 
     Parameters
@@ -263,6 +263,9 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None) -> SlideInfo:
         Slide file.
     mpp : float, optional
         Level-0 µm per pixel; overrides the file's value (``--mpp``).
+    fingerprint : bool
+        Also fill :attr:`SlideInfo.content_fingerprint` (reads 2 MiB; the batch driver does, to tell finished
+        results of this content from those of another file of the same name).
 
     Returns
     -------
@@ -303,6 +306,8 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None) -> SlideInfo:
         info = replace(info, mpp=float(mpp), mpp_source="--mpp")
     if info.mpp is not None:
         check_min_size(info, info.level_sizes_xy[0], "the image")
+    if fingerprint:
+        info = replace(info, content_fingerprint=file_fingerprint(path))
     return info
 
 
