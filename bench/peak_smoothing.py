@@ -9,9 +9,17 @@ the components that reach a block border, and answers one-lymphocyte components 
 driver ran out of memory on dense slides, a block sends only the bounding box of each component that reaches its
 border; the join's second round solves them from windows read again from the map (timed here in the join).
 
-This bench runs both on every 2,048-px block of a stored map (the previous way is re-implemented here as the
-reference), checks that the centres are identical, and times blocks and join alternately, ``--repeats`` times,
-on one core (the stage's CPU time; the engine spreads the blocks over its workers).
+Since then smoothing runs in exact integer arithmetic, as runs of equal weight, and dense masks are dilated row
+by row instead of by the distance transform.  The third way, ``float``, is the stage just before that change:
+the current code with the float64 smoothing (summed in ``ndimage.convolve``'s order, every pixel of a block where
+more than 1/8 could pass) and the distance transform swapped back in.
+
+This bench runs the three on every 2,048-px block of a stored map (the earlier ways are re-implemented here as
+references), checks that the two float ways give identical centres, prints the centres in which the integer way
+differs from them (it may break an exact tie differently: float summation order makes one of two equal values
+larger; the values at shared centres differ by the quantisation, < 1e-7, asserted), and times blocks and join
+alternately, ``--repeats`` times, on one core (the stage's CPU time; the engine spreads the blocks over its
+workers).
 
 Usage::
 
@@ -26,6 +34,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -34,6 +43,7 @@ import zarr
 from scipy import ndimage
 
 from wsi_lymph.constants import CLEAR_RADIUS_PX, SMOOTH_RADIUS_PX
+from wsi_lymph.detection import peaks
 from wsi_lymph.detection.peaks import (
     PEAK_BLOCK_PX,
     _empty_summary,
@@ -121,6 +131,41 @@ def border_join(array, scale: np.float32, shape_rc: tuple[int, int]):
     return join
 
 
+def float_smoothing_at(prob: np.ndarray, rows: np.ndarray, cols: np.ndarray, radius_px: float = SMOOTH_RADIUS_PX
+                       ) -> np.ndarray:
+    """Smoothing as it was before the integer arithmetic: float64 products summed in ``ndimage.convolve``'s order
+    (the flipped kernel's taps in C order), the whole block convolved where more than 1/8 of it could pass."""
+    kernel = disk_kernel(radius_px)
+    half = kernel.shape[0] // 2
+    if rows.size > (prob.shape[0] - 2 * half) * (prob.shape[1] - 2 * half) // 8:
+        return ndimage.convolve(prob.astype(np.float64), kernel, mode="reflect")[rows, cols]
+    flipped = kernel[::-1, ::-1]
+    flat = np.ascontiguousarray(prob).ravel()
+    width = prob.shape[1]
+    centre = rows.astype(np.int64) * width + cols
+    total = np.zeros(centre.shape, dtype=np.float64)
+    for (dr, dc), weight in np.ndenumerate(flipped):
+        if abs(weight) > np.finfo(np.float64).eps:
+            total += np.float64(weight) * flat[centre + ((dr - half) * width + (dc - half))]
+    return total
+
+
+def transform_dilation(mask: np.ndarray, radius_px: int) -> np.ndarray:
+    """Dense masks dilated as before: the Euclidean distance transform."""
+    return ndimage.distance_transform_edt(~mask) <= radius_px
+
+
+@contextlib.contextmanager
+def float_smoothing():
+    """The current stage with the smoothing and dense dilation of the commit before the integer arithmetic."""
+    saved = peaks.smooth_probability_at, peaks._dilate_by_disk_rows
+    peaks.smooth_probability_at, peaks._dilate_by_disk_rows = float_smoothing_at, transform_dilation
+    try:
+        yield
+    finally:
+        peaks.smooth_probability_at, peaks._dilate_by_disk_rows = saved
+
+
 def run_stage(stage, blocks: dict, summarise, join) -> tuple[float, float, tuple[np.ndarray, np.ndarray]]:
     """(seconds of the block summaries, seconds of the join, centres and scores)."""
     start = time.perf_counter()
@@ -142,25 +187,36 @@ def main() -> None:
     scale = np.float32(dict(array.attrs)["wsi_lymph"]["value_scale"])
     blocks = {index: (box, read_with_halo(array, box, stage.graph.halo_px).astype(np.float32) * scale)
               for index, box in zip(stage.graph.blocks, stage.graph.boxes, strict=True)}
-    ways = {"previous": (previous_summary, previous_join),
-            "now": (summarise_peak_block, border_join(array, scale, stage.shape_rc))}
+    now = (summarise_peak_block, border_join(array, scale, stage.shape_rc))
+    ways = {"previous": ((previous_summary, previous_join), contextlib.nullcontext),
+            "float": (now, float_smoothing), "now": (now, contextlib.nullcontext)}
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in ways}
     results = {}
     for _ in range(args.repeats):  # alternating, each way on the same blocks
-        for name, (summarise, join) in ways.items():
-            block_s, join_s, results[name] = run_stage(stage, blocks, summarise, join)
+        for name, ((summarise, join), context) in ways.items():
+            with context():
+                block_s, join_s, results[name] = run_stage(stage, blocks, summarise, join)
             times[name].append((block_s, join_s))
-    assert all(np.array_equal(a, b) for a, b in zip(results["previous"], results["now"], strict=True))
+    for part in (0, 1):  # the two float ways: the same centres and values
+        np.testing.assert_array_equal(results["previous"][part], results["float"][part])
+    (float_centres, float_scores), (centres, scores) = results["float"], results["now"]
+    before, after = ({tuple(rc): value for rc, value in zip(c.tolist(), v, strict=True)}
+                     for c, v in ((float_centres, float_scores), (centres, scores)))
+    shared = before.keys() & after.keys()
+    assert max((abs(before[rc] - after[rc]) for rc in shared), default=0.0) < 1e-7
     print(f"map {array.shape} {array.dtype}; threshold {stage.threshold}; {len(blocks)} peak blocks of "
-          f"{PEAK_BLOCK_PX} px + {stage.graph.halo_px} px halo; {len(results['now'][0])} centres, identical both ways")
+          f"{PEAK_BLOCK_PX} px + {stage.graph.halo_px} px halo; {len(centres)} centres now, {len(float_centres)} "
+          f"before; {len(after.keys() - shared)} now and {len(before.keys() - shared)} before are not in the other: "
+          f"{sorted(after.keys() - shared)[:4]} / {sorted(before.keys() - shared)[:4]}")
     for name, rows in times.items():
         totals = [b + j for b, j in rows]
         print(f"{name:>9}: blocks {statistics.median(b for b, _ in rows):7.2f} s, join "
               f"{statistics.median(j for _, j in rows):6.2f} s, total {statistics.median(totals):7.2f} s "
               f"({min(totals):.2f}-{max(totals):.2f})")
-    ratios = [(pb + pj) / (nb + nj) for (pb, pj), (nb, nj) in zip(times["previous"], times["now"], strict=True)]
-    print(f"speed-up of the stage {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}x over "
-          f"{args.repeats} repeats)")
+    for name in ("previous", "float"):
+        ratios = [(pb + pj) / (nb + nj) for (pb, pj), (nb, nj) in zip(times[name], times["now"], strict=True)]
+        print(f"speed-up of the stage against {name}: {statistics.median(ratios):.2f}x "
+              f"({min(ratios):.2f}-{max(ratios):.2f}x over {args.repeats} repeats)")
 
 
 if __name__ == "__main__":

@@ -200,7 +200,7 @@ def test_only_blocks_near_nonzero_boxes_are_computed_and_the_result_is_unchanged
     assert len(find_centres(client, wrong, peak_block_px=32)[0]) < len(expected)
 
 
-@pytest.mark.parametrize("density", [0.002, 0.1])  # sparse: stamped disks; dense: the distance transform
+@pytest.mark.parametrize("density", [0.002, 0.1])  # sparse: stamped disks; dense: row by row
 @pytest.mark.parametrize("radius", [1, 5, 28, 29])
 def test_disk_dilation_equals_the_structuring_element(radius, density):
     from scipy import ndimage
@@ -233,6 +233,39 @@ def test_smoothing_at_chosen_pixels_is_bit_identical_to_the_whole_convolution(dt
     at = smooth_probability_at(prob, rows + half, cols + half)
     assert at.dtype == np.float64
     np.testing.assert_array_equal(at, whole[rows + half, cols + half])
+    # Scattered pixels, smoothed in separate pieces of strips.
+    chosen = rng.choice(rows.size, 150, replace=False)
+    np.testing.assert_array_equal(smooth_probability_at(prob, rows[chosen] + half, cols[chosen] + half),
+                                  whole[rows[chosen] + half, cols[chosen] + half])
+
+
+@pytest.mark.parametrize("radius", [6, 4.5])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_smoothing_is_the_disk_convolution_in_exact_arithmetic(dtype, radius):
+    # Runs of equal weight over prefix sums, in integers: the float64 convolution's values up to the
+    # quantisation of P (2^-24) and of the weights (2^-35), and exactly symmetric where the map is.
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    prob = ndimage.gaussian_filter(rng.random((150, 170)), 2.0).astype(dtype)  # several strips of rows
+    reference = ndimage.convolve(prob.astype(np.float64), disk_kernel(radius), mode="reflect")
+    smoothed = smooth_probability(prob, radius)
+    np.testing.assert_allclose(smoothed, reference, rtol=0, atol=3e-8)
+    assert np.abs(smoothed - reference).max() > 0  # the reference is not what was computed
+    # Exact ties stay ties (the greedy then takes them row-major); float summation order breaks such ties.
+    mirrored = np.concatenate([prob, prob[:, ::-1]], axis=1)
+    smoothed = smooth_probability(mirrored, radius)
+    np.testing.assert_array_equal(smoothed, smoothed[:, ::-1])
+    np.testing.assert_array_equal(smooth_probability(mirrored.T, radius), smoothed.T)
+
+
+def test_smoothing_refuses_values_that_are_not_probabilities():
+    prob = np.full((20, 20), 0.5)
+    prob[3, 4] = np.nan
+    with pytest.raises(ValueError, match="finite"):
+        smooth_probability(prob)
+    with pytest.raises(ValueError, match="finite"):
+        smooth_probability(np.full((20, 20), 1e6))
 
 
 @pytest.mark.parametrize("radius", [1, 5, 15])
