@@ -186,17 +186,26 @@ def smooth_probability_at(prob: np.ndarray, rows: np.ndarray, cols: np.ndarray,
     if rows.size == 0:
         return values
     strip = rows // _STRIP_ROWS
-    order = np.argsort(strip, kind="stable")
-    starts = np.flatnonzero(np.r_[True, np.diff(strip[order]) != 0])
-    for in_strip in np.split(order, starts[1:]):
-        # Within a strip, columns far apart (separate lymphocytes) are smoothed apart.
-        by_col = in_strip[np.argsort(cols[in_strip], kind="stable")]
-        gaps = np.flatnonzero(np.diff(cols[by_col]) > _STRIP_GAP_PX) + 1
-        for members in np.split(by_col, gaps):
-            top, bottom = int(rows[members].min()), int(rows[members].max()) + 1
-            left, right = int(cols[members].min()), int(cols[members].max()) + 1
-            smoothed = _smooth_inside(prob, top, bottom, left, right, radius_px)
-            values[members] = smoothed[rows[members] - top, cols[members] - left]
+    order = np.argsort(strip, kind="stable")  # linear for pixels from np.nonzero, already in row order
+    bounds = np.searchsorted(strip[order], np.arange(strip.min(), strip.max() + 2))
+    for first, last in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+        if first == last:
+            continue
+        members = order[first:last]
+        strip_rows, strip_cols = rows[members], cols[members]
+        top, bottom = int(strip_rows.min()), int(strip_rows.max()) + 1
+        left, right = int(strip_cols.min()), int(strip_cols.max()) + 1
+        # Columns far apart (separate lymphocytes) are smoothed as separate pieces of the strip.
+        used = np.zeros(right - left, dtype=bool)
+        used[strip_cols - left] = True
+        used_at = np.flatnonzero(used)
+        cuts = np.flatnonzero(np.diff(used_at) > _STRIP_GAP_PX)
+        pieces = zip(used_at[np.r_[0, cuts + 1]].tolist(), (used_at[np.r_[cuts, -1]] + 1).tolist(), strict=True)
+        smoothed = np.empty((bottom - top, right - left), dtype=np.float64)  # filled where pixels were chosen
+        for piece_left, piece_right in pieces:
+            smoothed[:, piece_left:piece_right] = _smooth_inside(prob, top, bottom, left + piece_left,
+                                                                 left + piece_right, radius_px)
+        values[members] = smoothed[strip_rows - top, strip_cols - left]
     return values
 
 
@@ -222,21 +231,27 @@ def greedy_peaks(
         (n, 2) int64 (row, col) of the centres, in the order they were taken.
         Ties are taken in row-major order.
     """
+    height, width = smoothed.shape
     rows, cols = np.nonzero(smoothed > threshold)
     values = smoothed[rows, cols]
-    order = np.lexsort((cols, rows, -values))  # highest first; ties row-major
-    cleared = np.zeros(smoothed.shape, dtype=bool)
+    order = np.argsort(-values, kind="stable")  # highest first; ties row-major, as np.nonzero gives them
+    cleared = np.zeros(height * width, dtype=bool)
+    # The loop visits every candidate, most of them already cleared: Python ints and a memoryview make that
+    # test cheaper than indexing NumPy with NumPy scalars.
+    is_cleared = memoryview(cleared)
+    cleared_rc = cleared.reshape(height, width)
     reach = int(np.floor(clear_radius_px))
     offsets = np.arange(-reach, reach + 1)
     disk = offsets[:, None] ** 2 + offsets[None, :] ** 2 <= clear_radius_px**2
     centres = []
-    for r, c in zip(rows[order], cols[order], strict=True):
-        if cleared[r, c]:
+    for index in (rows * width + cols)[order].tolist():
+        if is_cleared[index]:
             continue
+        r, c = divmod(index, width)
         centres.append((r, c))
         r0, c0 = max(r - reach, 0), max(c - reach, 0)
-        r1, c1 = min(r + reach + 1, smoothed.shape[0]), min(c + reach + 1, smoothed.shape[1])
-        cleared[r0:r1, c0:c1] |= disk[r0 - r + reach : r1 - r + reach, c0 - c + reach : c1 - c + reach]
+        r1, c1 = min(r + reach + 1, height), min(c + reach + 1, width)
+        cleared_rc[r0:r1, c0:c1] |= disk[r0 - r + reach : r1 - r + reach, c0 - c + reach : c1 - c + reach]
     return np.array(centres, dtype=np.int64).reshape(-1, 2)
 
 
