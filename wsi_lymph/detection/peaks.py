@@ -80,6 +80,8 @@ def disk_kernel(radius: float) -> np.ndarray:
 _VALUE_BITS = 24
 _WEIGHT_BITS = 35
 _VALUE_LIMIT = 8.0
+#: How far the smoothed value can exceed the largest P under the kernel (quantisation: < 3e-8), with room to spare.
+_MEAN_MARGIN = 1e-6
 #: Rows smoothed at a time: their working arrays stay in the core's cache (measured: 32 and 64 alike, 16 slower).
 _STRIP_ROWS = 32
 #: Chosen pixels of a strip this many columns apart or more are smoothed as separate pieces.
@@ -465,7 +467,7 @@ def _linked_candidates(padded: np.ndarray, core_shape: tuple[int, int], halo_px:
     # Usually a few per cent of a block.  Exact wherever the whole kernel lies inside `padded`: the core plus
     # `reach` around it.
     inner = (slice(smooth_half, -smooth_half),) * 2
-    above = (padded > threshold - 1e-6).view(np.uint8)
+    above = (padded > threshold - _MEAN_MARGIN).view(np.uint8)
     near_above = ndimage.maximum_filter(above, size=kernel.shape[0], mode="nearest")[inner]
     rows, cols = np.nonzero(near_above)
     values = smooth_probability_at(padded, rows + smooth_half, cols + smooth_half, smooth_radius_px)
@@ -510,8 +512,9 @@ def summarise_peak_block(
     """
     r0, r1, c0, c1 = box
     padded = np.asarray(padded)
-    # The smoothed value is a weighted mean: nothing in core or reach can pass the threshold.
-    if padded.size == 0 or padded.max() <= threshold:
+    # The smoothed value is a weighted mean: nothing in core or reach can pass the threshold.  The margin covers
+    # the quantisation of P and of the weights (< 3e-8), as in _linked_candidates.
+    if padded.size == 0 or padded.max() <= threshold - _MEAN_MARGIN:
         return _empty_summary(r1 - r0, c1 - c0)
     rows, cols, values, labels, count = _linked_candidates(padded, (r1 - r0, c1 - c0), halo_px, threshold,
                                                            smooth_radius_px)
