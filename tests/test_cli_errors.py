@@ -24,6 +24,7 @@ from conftest import CROPS, SLIDES
 from wsi_lymph.cli.main import build_parser, main
 
 SLIDE = SLIDES / "cmu-1-small-region.svs"  # 2220 x 2967 level-0 px
+DISTILL_PLAN = Path(__file__).resolve().parents[1] / "docs" / "distill-plan.json"  # its images are in shared/data
 
 
 def _main(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -82,6 +83,9 @@ def _usage_cases(tmp: Path) -> list[tuple[list[str], str]]:
         (["evaluate", str(tmp), str(CROPS), "--tolerance-um", "0"], "--tolerance-um"),
         (["evaluate", str(tmp), str(CROPS), "--mpp", "0"], "--mpp"),
         (["evaluate", str(tmp), str(CROPS), "--json", str(tmp)], "--json"),
+        # Found while reading the inputs, before the table starts (the table's header was printed first).
+        (["evaluate", str(tmp / "centers.csv"), str(tmp / "truth.csv")], "pass --mpp"),
+        (["evaluate", str(tmp / "centers.csv"), str(tmp / "truth.csv"), "--mpp", "0.5", "--sweep"], "--sweep"),
         (["info", slide, "--mpp", "-1"], "--mpp"),
         (["info", str(tmp / "empty")], "no slides"),
         (["models", "fetch", "resnet"], "name"),
@@ -131,6 +135,15 @@ def _usage_cases(tmp: Path) -> list[tuple[list[str], str]]:
         (["distill", file_, "--crops", str(CROPS), "--out", out, "--stain-jitter", "-0.1"], "--stain-jitter"),
         (["distill", file_, "--crops", str(CROPS), "--out", out, "--stain-copies", "-1"], "--stain-copies"),
         (["distill", file_, "--crops", missing, "--out", out], "--crops"),
+        # Found by reading the inputs before the cluster starts (were exit 1, some after the cluster had started).
+        (["patches", str(tmp / "empty"), "--out", out], "no images"),
+        (["cv", str(tmp / "empty"), "--out", out], "no images"),
+        (["distill", file_, "--crops", str(CROPS), "--out", out], "not a distillation plan"),
+        (["distill", file_, "--crops", str(tmp / "empty"), "--out", out, "--teacher", "nope"], "--teacher"),
+        (["distill", str(DISTILL_PLAN), "--crops", str(tmp / "empty"), "--out", out], "--crops"),
+        (["detect", slide, "--out", out, "--model", "nope"], "--model"),
+        (["probmap", slide, "--out", out, "--model", str(tmp / "no-such.pt")], "--model"),
+        (["demo", "--out", out, "--model", "nope"], "--model"),
     ]
     return cases
 
@@ -141,6 +154,8 @@ def test_every_bad_option_is_one_line_and_exit_2_before_any_work(tmp_path, capsy
     (tmp_path / "empty").mkdir()
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "image.tif").write_text("taken\n")
+    (tmp_path / "centers.csv").write_text("x,y\n10,10\n")  # no probability column, no summary.json beside it
+    (tmp_path / "truth.csv").write_text("x,y\n10,11\n")
     cases = _usage_cases(tmp_path)
     assert len(cases) > 80
     for argv, named in cases:

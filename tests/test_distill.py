@@ -156,6 +156,64 @@ def test_a_plan_without_names_or_with_an_unknown_role_is_refused_naming_the_file
         read_plan(bad)
 
 
+@pytest.mark.shared_data
+@pytest.mark.parametrize("mistake", ["not json", "no images", "missing file", "region outside"])
+def test_plan_mistakes_are_usage_errors_found_before_any_cluster(tmp_path, capsys, mistake):
+    plan = _plan(tmp_path)
+    entries = json.loads(plan.read_text())
+    if mistake == "not json":
+        plan.write_text("{images: [")
+    elif mistake == "no images":
+        plan.write_text(json.dumps({"about": "nothing"}))
+    elif mistake == "missing file":
+        entries["images"][1]["path"] = str(tmp_path / "gone.svs")
+        plan.write_text(json.dumps(entries))
+    else:
+        entries["images"][2]["region"] = [2200, 2900, 48, 48]  # level 0 is 2220 x 2967 px
+        plan.write_text(json.dumps(entries))
+    out = tmp_path / "distill"
+    try:
+        status = main(["distill", str(plan), "--crops", str(CROPS), "--out", str(out), "--dashboard", ":0"])
+    except SystemExit as exit_:
+        status = exit_.code
+    captured = capsys.readouterr()
+    err = captured.err
+    assert status == 2, err
+    assert err.count("\n") == 1 and str(plan) in err and "Traceback" not in err, err
+    named = {"missing file": "gone.svs: no such file", "region outside": "region [2200, 2900, 48, 48]"}
+    assert named.get(mistake, "not a distillation plan") in err, err
+    assert "Dask dashboard" not in captured.out  # no cluster was started
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.shared_data
+def test_a_plan_image_whose_pixels_cannot_be_decoded_fails_in_one_line_with_its_traceback_in_the_log(tmp_path):
+    import tifffile
+
+    pixels = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    image = tmp_path / "broken.tif"
+    tifffile.imwrite(image, pixels, photometric="rgb", tile=(128, 128), compression="jpeg",
+                     resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    with tifffile.TiffFile(image) as tif:  # the header stays readable, the tiles' JPEG data is gone
+        spans = list(zip(tif.pages[0].dataoffsets, tif.pages[0].databytecounts, strict=True))
+    data = bytearray(image.read_bytes())
+    for offset, count in spans:
+        data[offset:offset + count] = bytes(count)
+    image.write_bytes(bytes(data))
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"images": [{"name": "broken", "path": str(image)}]}))
+    out = tmp_path / "distill"
+    run = subprocess.run([sys.executable, "-m", "wsi_lymph.cli", "distill", str(plan), "--crops", str(CROPS),
+                          "--out", str(out), "--workers", "1", "--dashboard", ":0"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, run.stdout + run.stderr
+    # One line naming the file and the decoder's complaint; not the worker's "Compute Failed" dump.
+    assert run.stderr.count("\n") == 1, run.stderr
+    assert f"{image}: cannot read the pixels of plan image 'broken' (Jpeg8Error" in run.stderr
+    assert "Traceback" not in run.stdout + run.stderr and "Compute Failed" not in run.stdout + run.stderr
+    assert "Traceback" in (out / "wsi-lymph.log").read_text()  # kept for whoever debugs it
+
+
 def test_a_scaled_crop_keeps_the_teacher_map_on_its_pixels():
     rng = np.random.default_rng(1)
     inputs = rng.uniform(0, 255, (120, 130, 3)).astype(np.float32)

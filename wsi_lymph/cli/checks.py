@@ -184,6 +184,17 @@ def check_exists(path: Path, what: str, *, folder: bool | None = None) -> None:
         raise UsageError(f"{what} {path}: is a folder, a file is wanted here")
 
 
+def check_model_name(name: str, option: str = "--model") -> None:
+    """A model name that is neither registered nor an existing checkpoint file is a typo: exit 2 before any work."""
+    from wsi_lymph.models.registry import UnknownModelError
+    from wsi_lymph.models.registry import check_model_name as check_registered
+
+    try:
+        check_registered(name)
+    except UnknownModelError as error:
+        raise UsageError(f"{option}: {error}") from None
+
+
 def check_block(block_px: int | None, chunk_px: int | None) -> None:
     """``--block`` is a multiple of ``--chunk`` (or, without it, of :data:`MAP_CHUNK_PX`) up to :data:`BLOCK_MAX_PX`.
 

@@ -100,6 +100,7 @@ def _run_batch(args: argparse.Namespace, command: str) -> int:
     from wsi_lymph.models.checkpoints import ModelError
     from wsi_lymph.models.registry import load_model
 
+    checks.check_model_name(args.model)
     try:
         # Before any cluster starts: a missing or broken model is a one-line error, not a traceback.
         load_model(args.model, source=args.model_source)
@@ -187,6 +188,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from wsi_lymph.slides.sample import DEMO_REGION_LEVEL0, DataError, fetch_demo_slide
 
     checks.check_out_folder(args.out)
+    checks.check_model_name(args.model)
     try:
         slide = fetch_demo_slide(args.source)
         fast = _fully_convolutional(load_model(args.model, source=args.model_source))
@@ -244,9 +246,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not pairs:
         print(f"wsi-lymph evaluate: no predictions in {args.pred} match annotations in {args.truth}", file=sys.stderr)
         return 2
-    report = {"tolerance_um": args.tolerance_um, "images": {}}
-    detections, truths, scores, tolerances = [], [], [], []
-    print(f"{'image':<28}{'TP':>5}{'FP':>5}{'FN':>5}{'precision':>11}{'recall':>8}{'F':>7}")
+    # Everything is read before the table starts: a mistake is one line, not a half-printed table.
+    inputs = []
     for name, centres, annotation in pairs:
         mpp = args.mpp
         summary = centres.parent / "summary.json"
@@ -256,14 +257,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             print(f"wsi-lymph evaluate: {centres}: no summary.json with µm/px beside it; pass --mpp", file=sys.stderr)
             return 2
         try:
-            found, truth = read_points(centres), read_points(annotation)
+            found, truth, probability = read_points(centres), read_points(annotation), read_scores(centres)
         except (OSError, ValueError) as error:
             print(f"wsi-lymph evaluate: {error}", file=sys.stderr)
             return 1
-        tolerance = args.tolerance_um / mpp
+        if args.sweep and probability is None:
+            print(f"wsi-lymph evaluate: --sweep needs the 'probability' column of centers.csv; {centres} has none",
+                  file=sys.stderr)
+            return 2
+        inputs.append((name, annotation, found, truth, probability, args.tolerance_um / mpp))
+    report = {"tolerance_um": args.tolerance_um, "images": {}}
+    detections, truths, scores, tolerances = [], [], [], []
+    print(f"{'image':<28}{'TP':>5}{'FP':>5}{'FN':>5}{'precision':>11}{'recall':>8}{'F':>7}")
+    for name, annotation, found, truth, probability, tolerance in inputs:
         tolerances.append(tolerance)
         score = match_points(found, truth, tolerance)
-        detections.append((found, read_scores(centres)))
+        detections.append((found, probability))
         truths.append(truth)
         scores.append(score)
         report["images"][name] = score.as_dict() | {"annotation": str(annotation), "tolerance_px": tolerance}
@@ -274,9 +283,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"{'pooled':<28}{total.true_positives:>5}{total.false_positives:>5}{total.false_negatives:>5}"
           f"{total.precision:>11.3f}{total.recall:>8.3f}{total.f_score:>7.3f}")
     if args.sweep:
-        if any(s is None for _, s in detections):
-            print("wsi-lymph evaluate: --sweep needs the 'probability' column of centers.csv", file=sys.stderr)
-            return 2
         sweep = threshold_sweep(detections, truths, tolerances, np.round(np.arange(0.5, 0.99, 0.01), 2))
         best_threshold, best = max(sweep, key=lambda item: (item[1].f_score, -item[0]))
         report["sweep"] = [{"threshold": t, **s.as_dict()} for t, s in sweep]

@@ -65,6 +65,16 @@ def _client(args: argparse.Namespace, *, default_jobs: int = 1):
         "workers": args.workers or default_workers()})
 
 
+def _check_dataset(folder: Path) -> None:
+    """A data set folder that holds no annotated images (or an unreadable listing) is refused before any cluster."""
+    from wsi_lymph.training.dataset import DatasetError, read_dataset
+
+    try:
+        read_dataset(folder)
+    except DatasetError as error:
+        raise UsageError(f"data set {error}") from None
+
+
 def cmd_dataset_check(args: argparse.Namespace) -> int:
     from wsi_lymph.training.dataset import check_dataset
 
@@ -93,6 +103,7 @@ def cmd_patches(args: argparse.Namespace) -> int:
     checks.check_out_folder(args.out)
     if args.png is not None:
         checks.check_out_folder(args.png, "--png")
+    _check_dataset(args.dataset)
     try:
         with _client(args) as client:
             store = extract_patches(client, args.dataset, args.out, seed=args.seed, max_positive=args.max_positive,
@@ -150,6 +161,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
 
     checks.check_exists(args.dataset, "data set", folder=True)
     checks.check_out_folder(args.out)
+    _check_dataset(args.dataset)
     try:
         with _client(args, default_jobs=args.folds) as client:  # one worker job per fold
             # The client has a worker by now (jobqueue clusters wait for one); GPU workers take one fold each.
@@ -171,6 +183,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from wsi_lymph.training.dataset import DatasetError, read_dataset
     from wsi_lymph.training.distill import (
         check_out_dir,
+        check_plan_images,
         read_plan,
         reference_statistics,
         run_distill,
@@ -180,24 +193,37 @@ def cmd_distill(args: argparse.Namespace) -> int:
     checks.check_exists(args.plan, "plan", folder=False)
     checks.check_exists(args.crops, "--crops", folder=True)
     checks.check_out_folder(args.out)
+    checks.check_model_name(args.teacher, "--teacher")
     recipe = StudentRecipe(iterations=args.iterations, batch_size=args.batch_size, seed=args.seed,
                            stain_jitter=args.stain_jitter, stain_copies=args.stain_copies,
                            scale_jitter=args.scale_jitter,
                            checkpoint_every=min(args.checkpoint_every, args.iterations))
+    # Everything the command reads before the cluster starts is a usage error: exit 2, before any work.
     try:
-        plan = read_plan(args.plan)
+        plan = read_plan(args.plan)  # its errors name the plan file
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    try:
+        check_plan_images(plan)  # its errors name the image file
+    except ValueError as error:
+        raise UsageError(f"plan {args.plan}: {error}") from None
+    try:
         reference = reference_statistics([c.image_path for c in read_dataset(args.crops)])
-        settings = run_settings(plan, reference, recipe, args.teacher, args.teacher_stride)
-        try:
-            check_out_dir(args.out, settings)
-        except ValueError as error:
-            raise UsageError(f"--out {args.out}: {error}") from None
+    except (DatasetError, ValueError, OSError) as error:
+        raise UsageError(f"--crops {args.crops}: {error}") from None
+    settings = run_settings(plan, reference, recipe, args.teacher, args.teacher_stride)
+    try:
+        check_out_dir(args.out, settings)
+    except ValueError as error:
+        raise UsageError(f"--out {args.out}: {error}") from None
+    try:
         with _client(args) as client:
             resources = {"GPU": 1} if has_gpu_workers(client) else None
             model = run_distill(client, plan, args.crops, args.out, recipe, teacher=args.teacher,
                                 teacher_stride_px=args.teacher_stride, model_source=args.model_source,
                                 resources=resources, device=args.device)
     except (DatasetError, ModelError, ValueError, RuntimeError) as error:
+        console.log.debug("wsi-lymph distill failed", exc_info=error)  # the traceback: log file only
         print(f"wsi-lymph distill: {error}", file=sys.stderr)
         return 1
     print(f"student written to {model} (model card: {model.with_name('model-card.json')})")

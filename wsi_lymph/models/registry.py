@@ -178,6 +178,22 @@ def _folds_of(name: str) -> list[int] | None:
     return None
 
 
+class UnknownModelError(ModelError):
+    """A model name that is neither registered nor an existing checkpoint file: a mistake in the command line."""
+
+
+def check_model_name(name: str) -> None:
+    """Raise :class:`UnknownModelError` unless ``name`` is one of :data:`MODEL_NAMES` or an existing file.
+
+    Fetches and loads nothing, so commands call it before any work starts.
+    """
+    if name in SHIPPED_MODELS or _folds_of(name) is not None or Path(name).expanduser().is_file():
+        return
+    raise UnknownModelError(
+        f"unknown model {name!r}: not one of {', '.join(MODEL_NAMES)} and not an existing checkpoint file"
+    )
+
+
 def resolve_model(name: str, *, fetch_missing: bool = True, source: str | None = None) -> list[Path]:
     """Checkpoint files behind a model name.
 
@@ -201,16 +217,12 @@ def resolve_model(name: str, *, fetch_missing: bool = True, source: str | None =
         Unknown name that is not an existing file, or a missing model when
         ``fetch_missing`` is false (or fetching failed).
     """
+    check_model_name(name)
     if name in SHIPPED_MODELS:
         return [_shipped(name)]
     folds = _folds_of(name)
     if folds is None:
-        path = Path(name).expanduser()
-        if path.is_file():
-            return [path]
-        raise ModelError(
-            f"unknown model {name!r}: not one of {', '.join(MODEL_NAMES)} and not an existing checkpoint file"
-        )
+        return [Path(name).expanduser()]
     paths = [janowczyk2016_checkpoint(k) for k in folds]
     missing = [k for k, p in zip(folds, paths, strict=True) if not p.is_file()]
     if missing:

@@ -69,7 +69,7 @@ from wsi_lymph.models.device import select_device
 from wsi_lymph.models.networks import STUDENT_UPSCALE, SubpixelStudentNet
 from wsi_lymph.models.registry import load_model
 from wsi_lymph.slides.frame import choose_frame, coarser_frame, read_frame_window
-from wsi_lymph.slides.reader import open_slide, read_region
+from wsi_lymph.slides.reader import SlideError, open_slide, read_region
 from wsi_lymph.training.cv import choose_threshold, detect_in_image
 from wsi_lymph.training.dataset import AnnotatedImage, read_dataset
 from wsi_lymph.training.settings import RECIPE_FIELDS_ADDED, StudentRecipe
@@ -117,8 +117,12 @@ def read_plan(path: str | os.PathLike) -> list[PlanImage]:
     path = Path(path)
     try:
         entries = json.loads(path.read_text())["images"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except (OSError, ValueError) as error:
         raise ValueError(f"{path}: not a distillation plan ({error})") from None
+    except (KeyError, TypeError):
+        raise ValueError(f"{path}: not a distillation plan (no \"images\" list)") from None
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: not a distillation plan (\"images\" is not a list)")
     images = []
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict) or not {"name", "path"} <= set(entry):
@@ -134,7 +138,31 @@ def read_plan(path: str | os.PathLike) -> list[PlanImage]:
     names = [image.name for image in images]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: image names must be unique, got {names}")
+    if not any(image.role == "train" for image in images):
+        raise ValueError(f"{path}: the plan has no image with role 'train'")
     return images
+
+
+def check_plan_images(plan: list[PlanImage]) -> None:
+    """Open every image of a plan and check its region, so that a wrong entry is reported before any work starts.
+
+    Raises
+    ------
+    ValueError
+        Naming the file and the problem: not found or not readable (:class:`~wsi_lymph.slides.reader.SlideError`),
+        or a region that is not a positive rectangle inside the image's level 0.
+    """
+    for image in plan:
+        info = open_slide(image.path, mpp=image.mpp)
+        if image.region_level0 is None:
+            continue
+        width, height = info.level_sizes_xy[0]
+        region = image.region_level0
+        whole = len(region) == 4 and all(isinstance(v, int) and not isinstance(v, bool) for v in region)
+        if not (whole and region[2] > 0 and region[3] > 0 and region[0] >= 0 and region[1] >= 0
+                and region[0] + region[2] <= width and region[1] + region[3] <= height):
+            raise ValueError(f"{image.path}: region {list(region)} of plan image {image.name!r} is not a rectangle "
+                             f"[x, y, width, height] of whole pixels inside level 0 ({width} x {height} px)")
 
 
 def reference_statistics(crop_paths: list[str | os.PathLike]) -> LabStatistics:
@@ -165,7 +193,11 @@ def prepare_image(image: PlanImage, reference: LabStatistics, out_dir: str | os.
     y0 = max(0, int(y / down) - PREPARE_MARGIN_PX)
     x1 = min(width, int(np.ceil((x + w) / down)) + PREPARE_MARGIN_PX)
     y1 = min(height, int(np.ceil((y + h) / down)) + PREPARE_MARGIN_PX)
-    rgb = read_region(info, level, x0, y0, x1 - x0, y1 - y0)
+    try:
+        rgb = read_region(info, level, x0, y0, x1 - x0, y1 - y0)
+    except Exception as error:  # noqa: BLE001 - a decoder's error (imagecodecs, OpenSlide…) does not name the file
+        raise SlideError(f"{image.path}: cannot read the pixels of plan image {image.name!r} "
+                         f"({type(error).__name__}: {error})") from error
     normalised = ReinhardTransform(slide_lab_statistics(info), reference)(rgb)
     mpp = info.level_mpp(level)
     out.parent.mkdir(parents=True, exist_ok=True)
