@@ -111,5 +111,8 @@ def test_detect_with_a_missing_model_is_a_clear_error(tmp_path):
          str(tmp_path), "--model", str(tmp_path / "no-such-model.pt")],
         capture_output=True, text=True, timeout=120, env=os.environ.copy(),
     )
-    assert run.returncode == 1
-    assert "no-such-model.pt" in run.stderr and "Traceback" not in run.stderr
+    # A model file named on the command line that is not there is a typo, like a missing slide: exit 2, one line.
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
+    assert run.stderr.startswith("wsi-lymph detect: --model: unknown model") and "no-such-model.pt" in run.stderr
+    assert not any(tmp_path.iterdir())  # refused before any work
