@@ -397,4 +397,4 @@ def quiet_workers(client, *, local: bool) -> None:
     """
     from wsi_lymph.cli.workers import QuietLibraries
 
-    client.register_plugin(QuietLibraries(NOISE, shares_terminal=local))
+    client.register_plugin(QuietLibraries(NOISE, ignore_interrupts=local))

@@ -73,10 +73,10 @@ def _raised_in_zarr(exc_info) -> bool:
 
 
 class QuietTaskErrors(WorkerPlugin):
-    """A worker plugin: failures of the batch's tasks are not logged by the worker (the driver reports them).
+    """A worker plugin: failures of the given stages' tasks are not logged by the worker (the driver reports them).
 
-    Registered once per client (:meth:`distributed.Client.register_plugin`); workers that join or are
-    restarted later get it too.
+    Registered on a client (:meth:`distributed.Client.register_plugin`) by whoever submits those tasks: the batch,
+    and the training commands for theirs; workers that join or are restarted later get it too.
 
     Parameters
     ----------
@@ -84,15 +84,15 @@ class QuietTaskErrors(WorkerPlugin):
         Task key prefixes (``infer``, ``peaks``, ...) whose failures the driver reports.
     """
 
-    name = "wsi-lymph-quiet-task-errors"
-
     def __init__(self, stages: Iterable[str]) -> None:
         self.stages = frozenset(stages)
+        # One plugin per set of stages: the batch's and a training command's (which runs batches) stay side by side.
+        self.name = "wsi-lymph-quiet-task-errors:" + ",".join(sorted(self.stages))
 
     def setup(self, worker) -> None:
         for name in ("distributed.worker", "distributed.worker.state_machine", "asyncio"):
             logger = logging.getLogger(name)
-            for old in [f for f in logger.filters if isinstance(f, _DropTaskFailures)]:
+            for old in [f for f in logger.filters if isinstance(f, _DropTaskFailures) and f.stages == self.stages]:
                 logger.removeFilter(old)
             logger.addFilter(_DropTaskFailures(self.stages))
 

@@ -37,6 +37,7 @@ from wsi_lymph.constants import CLEAR_RADIUS_PX, SMOOTH_RADIUS_PX
 from wsi_lymph.detection.evaluate import DetectionScore, match_points, pooled, threshold_sweep
 from wsi_lymph.detection.inference import image_probabilities
 from wsi_lymph.detection.peaks import greedy_peaks, smooth_probability
+from wsi_lymph.engine.monitor import QuietTaskErrors
 from wsi_lymph.io.outputs import write_atomic, write_json
 from wsi_lymph.models.checkpoints import save_checkpoint_atomic
 from wsi_lymph.models.device import select_device
@@ -287,6 +288,7 @@ def _run_folds(client, folds: list[Fold], dataset: str | os.PathLike, patches_za
                settings: CVSettings, resources: dict[str, float] | None, log: Callable[[str], None]) -> list[dict]:
     """One ``train-*`` task per fold (retried twice: a rerun resumes from the checkpoints); entries by fold."""
     token = f"{abs(hash((str(out_dir.resolve()), time.time()))):x}"[:12]
+    client.register_plugin(QuietTaskErrors(("train",)))  # a failed fold is the driver's to report
     futures = {
         client.submit(run_fold, fold, str(Path(dataset).resolve()), str(patches_zarr.resolve()),
                       str((out_dir / f"fold{fold.fold}").resolve()), settings, key=(f"train-0{token}", fold.fold),

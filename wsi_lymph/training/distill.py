@@ -60,6 +60,7 @@ from wsi_lymph.detection.stain import (
     slide_lab_statistics,
 )
 from wsi_lymph.engine.batch import run_probmaps
+from wsi_lymph.engine.monitor import QuietTaskErrors
 from wsi_lymph.engine.params import ProbmapParams
 from wsi_lymph.io.outputs import write_atomic
 from wsi_lymph.io.probmap_store import open_probmap
@@ -80,6 +81,8 @@ STUDENT_NAME = "wsi-lymph-student"
 CROPS_MPP = 0.5
 #: Stride of the teacher's maps of held-out images (model-frame px): the engine's default, as ``detect`` runs.
 HELDOUT_STRIDE_PX = 2
+#: Key prefixes of this module's own tasks (the teacher's maps are the batch's ``infer`` and others).
+DISTILL_STAGES = ("prepare", "stain-copy", "distill-train")
 #: Level pixels kept around a plan's region, so the teacher's patches at its border see real tissue.
 PREPARE_MARGIN_PX = 24
 
@@ -601,6 +604,8 @@ def run_distill(
     crops = read_dataset(crops_dir)
     reference = reference_statistics([c.image_path for c in crops])
     claim_out_dir(out, run_settings(plan, reference, recipe, teacher, teacher_stride_px))
+    # A failed task is reported by the caller in one line, not by the worker's "Compute Failed" dump.
+    client.register_plugin(QuietTaskErrors(DISTILL_STAGES))
     prepared = _prepare_all(client, plan, reference, out / "images")
     teacher_model = load_model(teacher, source=model_source)
     train = [im for im in plan if im.role == "train"]

@@ -100,6 +100,7 @@ from scipy.spatial import cKDTree
 
 from wsi_lymph import __version__
 from wsi_lymph.constants import PATCH_CENTER_PX, PATCH_PX
+from wsi_lymph.engine.monitor import QuietTaskErrors
 from wsi_lymph.io.probmap_store import replace_dir
 from wsi_lymph.slides.resample import resize_window, resized_length
 from wsi_lymph.training.dataset import AnnotatedImage, center_mask, read_dataset
@@ -556,6 +557,7 @@ def _results(client, images: Sequence[AnnotatedImage], kwargs: dict) -> Iterator
             yield extract_image_patches(image, **kwargs)
         return
     token = uuid.uuid4().hex[:8]
+    client.register_plugin(QuietTaskErrors(("patches",)))  # a failed image is the driver's to report
     threads = sum(client.nthreads().values()) or 1
     window = max(4, 2 * threads)  # keeps workers busy without holding every image's patches in memory
     futures = {}
