@@ -109,6 +109,7 @@ def cmd_patches(args: argparse.Namespace) -> int:
             store = extract_patches(client, args.dataset, args.out, seed=args.seed, max_positive=args.max_positive,
                                     max_negative=args.max_negative)
     except DatasetError as error:
+        console.log.debug("wsi-lymph patches failed", exc_info=error)  # the traceback: log file only
         print(f"wsi-lymph patches: {error}", file=sys.stderr)
         return 1
     print(f"patches: {store}")
@@ -168,6 +169,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
             resources = {"GPU": 1} if has_gpu_workers(client) else None
             report = run_cv(client, args.dataset, args.out, _settings(args), resources=resources)
     except (DatasetError, ValueError) as error:
+        console.log.debug("wsi-lymph cv failed", exc_info=error)  # the traceback: log file only
         print(f"wsi-lymph cv: {error}", file=sys.stderr)
         return 1
     net, base = report["pooled"]["network"], report["pooled"]["baseline"]
