@@ -5,7 +5,7 @@
 set -euo pipefail
 if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site
+    export PYTHONPATH=/tmp/site:$PWD  # the repository too: the local cluster's worker processes import wsi_lymph
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 PYTHONUNBUFFERED=1 python3 bench/gpu_check.py --data "${GPU_CHECK_DATA:-.device}" --out "${OUT:-gpu-check-out}" "$@"
