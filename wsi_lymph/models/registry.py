@@ -270,6 +270,8 @@ def model_inventory() -> list[ModelEntry]:
     :class:`ModelError` here too.
     """
     entries = []
+    # The ensemble's metadata is its first member's (load_model), so each checkpoint file is read once.
+    meta_of_file: dict[Path, dict[str, Any]] = {}
     for name in MODEL_NAMES:
         folds = _folds_of(name) or []
         if name in SHIPPED_MODELS:
@@ -278,7 +280,13 @@ def model_inventory() -> list[ModelEntry]:
             summary = (f"the paper's {len(folds)}-fold ensemble (exact patches, the networks averaged)"
                        if len(folds) > 1 else f"the paper's network of fold {folds[0]} alone")
             where = "cached" if all(janowczyk2016_checkpoint(k).is_file() for k in folds) else "not fetched"
-        meta = load_model(name, fetch_missing=False).meta if where != "not fetched" else {}
+        meta: dict[str, Any] = {}
+        if where != "not fetched":
+            paths = resolve_model(name, fetch_missing=False)
+            for path in paths:  # every member is loaded, so a damaged file is reported here too
+                if path not in meta_of_file:
+                    meta_of_file[path] = load_checkpoint(path)[2]
+            meta = meta_of_file[paths[0]]
         entries.append(ModelEntry(name=name, summary=summary, default=name == DEFAULT_MODEL, where=where,
                                   threshold=meta.get("threshold"),
                                   stain_norm=(meta.get("stain_norm") or "none") if meta else None))
