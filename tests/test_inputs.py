@@ -27,9 +27,9 @@ FOLD = "janowczyk2016/fold1"
 FAST = ["--workers", "1", "--dashboard", ":0"]
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     run = subprocess.run([sys.executable, "-m", "wsi_lymph.cli", *map(str, args)], capture_output=True, text=True,
-                         timeout=300, env=os.environ.copy())
+                         timeout=300, env=os.environ.copy(), cwd=cwd)
     assert "Traceback" not in run.stdout + run.stderr, run.stdout + run.stderr
     return run
 
@@ -354,11 +354,16 @@ def test_bad_pictures_are_refused_before_inference_and_the_rest_goes_on(model_ca
     (folder / "example_2.tif").symlink_to(CROPS / "example_2.tif")
     (folder / "small-he-levels.tiff").symlink_to(SLIDES / "small-he-levels.tiff")
     out = tmp_path / "out"
-    run = _cli("detect", folder, "--mpp", "0.5", "--out", out, *FAST)
+    # Relative paths, as typed in a shell: each one-line failure names its file once.
+    run = _cli("detect", "slides", "--mpp", "0.5", "--out", "out", *FAST, cwd=tmp_path)
     assert run.returncode == 1, run.stdout + run.stderr
     assert "1 of 6 slides done" in run.stdout
     failed = _failed_lines(run)
     assert sorted(failed) == ["grey.png", "grey.tif", "rectangles.png", "small-he-levels.tiff", "tiny.png"]
+    for name, line in failed.items():
+        assert line.count(name) == 1, line
+        [said] = [said for said in run.stdout.splitlines() if ": FAILED: " in said and name in said]
+        assert said.count(name) == 1, said
     for name in ("rectangles.png", "small-he-levels.tiff"):
         assert "does not look like H&E, refused before inference: only 0% of its tissue pixels have H&E colours" \
                in failed[name] and "--no-stain-check" in failed[name]

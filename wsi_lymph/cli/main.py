@@ -125,10 +125,12 @@ def _run_batch(args: argparse.Namespace, command: str) -> int:
             from wsi_lymph.engine.batch import run_probmaps
 
             results = run_probmaps(client, slides, args.out, **options)
+    from wsi_lymph.engine.batch import naming_file
+
     failed = [r for r in results if r.status != "done"]
     print(f"{len(results) - len(failed)} of {len(results)} slides done; outputs in {args.out}")
     for result in failed:
-        print(f"FAILED {_with_path(result.reason, result.path)}", file=sys.stderr)
+        print(f"FAILED {naming_file(result.reason, result.path)}", file=sys.stderr)
     for result in results:
         for flag in result.flags:
             print(f"FLAGGED {result.path}: {flag}", file=sys.stderr)
@@ -138,11 +140,6 @@ def _run_batch(args: argparse.Namespace, command: str) -> int:
 
 
 _say = console.say  # the batch's log lines: above the progress bars, and in the log file
-
-
-def _with_path(reason: str, path: str) -> str:
-    """``path: reason``, the path once (most reasons already start with it)."""
-    return f"{path}: {reason.removeprefix(f'{path}: ')}"
 
 
 def cmd_probmap(args: argparse.Namespace) -> int:

@@ -95,7 +95,7 @@ from wsi_lymph.io.probmap_store import (
 )
 from wsi_lymph.io.report import write_report
 from wsi_lymph.io.slide_outputs import analysed_extent_um
-from wsi_lymph.models.architectures import architecture_of
+from wsi_lymph.models.architectures import SUBPIXEL, architecture_of
 from wsi_lymph.models.registry import load_model, resolve_model
 from wsi_lymph.slides.frame import ModelFrame, block_boxes, choose_frame, frame_region
 from wsi_lymph.slides.reader import SlideError, SlideInfo, check_min_size, open_slide
@@ -809,9 +809,11 @@ class _Batch:
         result.seconds["infer_task_sum"] = round(slide.infer_seconds, 3)
         result.seconds["map_wall"] = round(time.perf_counter() - slide.started, 3)
         _publish_map(slide, self.params)
+        # Patch classifiers count patches; a model that emits the map's pixels directly counts those.
+        counted = "model-frame px" if self.model_info["evaluation"] == SUBPIXEL else "patches"
         self.log(
             f"{result.name}: map done, {result.blocks_total} blocks, {result.skipped_fraction:.1%} skipped "
-            f"(no hematoxylin), {result.patches} patches, {result.seconds['map_wall']:.1f} s -> {result.output}"
+            f"(no hematoxylin), {result.patches:,} {counted}, {result.seconds['map_wall']:.1f} s -> {result.output}"
         )
         if self.peak_options is None:  # probmap: the map is the product; its pyramid lets viewers open it
             self._start_pyramid(slide, lambda: self._done(slide))
@@ -1062,7 +1064,15 @@ def run_batch(
 
 def _describe(error: BaseException, path: str | None = None) -> str:
     text = str(error) if isinstance(error, SlideError | ValueError) else f"{type(error).__name__}: {error}"
-    return text if path is None or path in text else f"{path}: {text}"
+    return text if path is None else naming_file(text, path)
+
+
+def naming_file(reason: str, path: str) -> str:
+    """``path: reason``, unless the reason already names the file, as given or absolute (the slide readers'
+    messages start with its absolute path), so that a one-line failure names the file once."""
+    if path in reason or os.path.abspath(path) in reason:
+        return reason
+    return f"{path}: {reason}"
 
 
 def _key_name(key) -> str:
