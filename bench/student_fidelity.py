@@ -8,7 +8,8 @@ scores one student:
 * ``--variant further``: the shipped student trained ``--iterations`` more steps (learning rate ``--lr``, warm-up
   and cosine decay as in distillation), with the recipe's augmentations or others (``--stain-jitter``,
   ``--scale-jitter``);
-* ``--variant wider``: a fresh student of ``--width`` channels trained with the shipped recipe;
+* ``--variant wider``: a fresh student of ``--width`` channels trained with the shipped recipe (``--iterations``
+  steps, other augmentations as for ``further``);
 * ``--variant members``: the checkpoints given with ``--members``, their maps averaged (e.g. two seeds).
 
 For each, leave-one-crop-out F on the three annotated crops (as the model card), and on held-out and training
@@ -72,9 +73,11 @@ def _student(args, pairs) -> tuple[SubpixelStudentNet, torch.Tensor]:
     has_copies = any("-stain" in pair.name for pair in pairs)
     recipe = StudentRecipe() if has_copies else StudentRecipe(stain_copies=0)
     if args.variant == "further":
-        recipe = replace(recipe, iterations=args.iterations, lr=args.lr, seed=1)  # other crops than the first time
+        recipe = replace(recipe, iterations=args.iterations or 4000, lr=args.lr, seed=1)  # other crops than before
         net = shipped
     else:
+        recipe = replace(recipe, iterations=args.iterations or recipe.iterations,
+                         seed=recipe.seed if args.seed is None else args.seed)
         torch.manual_seed(recipe.seed)
         net = SubpixelStudentNet(tuple(input_normalisation(pairs)[1]), width=args.width)
     if args.stain_jitter is not None:
@@ -96,11 +99,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="an empty or new folder for a trained variant's "
                         "checkpoints (default: a fresh temporary one); one holding checkpoints is refused, since "
                         "training would resume from them rather than run")
-    parser.add_argument("--iterations", type=int, default=4000, help="steps of --variant further")
+    parser.add_argument("--iterations", type=int, default=None,
+                        help="steps of --variant further (default 4000) or wider (default: the recipe's)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of --variant further")
     parser.add_argument("--width", type=int, default=48, help="channels of --variant wider")
+    parser.add_argument("--seed", type=int, default=None, help="seed of --variant wider (default: the recipe's)")
     parser.add_argument("--stain-jitter", type=float, default=None, help="default: the recipe's")
     parser.add_argument("--scale-jitter", type=float, default=None, help="default: the recipe's")
+    parser.add_argument("--plan", type=Path, default=ROOT / "docs" / "distill-plan.json",
+                        help="the plan the work folder was made from (default: the shipped student's)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     if args.out is None:
@@ -114,7 +121,7 @@ def main() -> None:
             parser.error("--variant members needs --members")
         score_student([(net.eval(), mean) for net, mean, _ in map(load_checkpoint, args.members)], args.work)
         return
-    plan = [image for image in read_plan(ROOT / "docs" / "distill-plan.json") if image.role == "train"]
+    plan = [image for image in read_plan(args.plan) if image.role == "train"]
     # Each training image, and its stain copies where the folder has them (with the teacher's maps of them).
     images = [args.work / "images" / f"{image.name}.tif" for image in plan]
     images += [copy for image in plan for copy in sorted((args.work / "images").glob(f"{image.name}-stain*.tif"))
