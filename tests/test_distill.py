@@ -268,6 +268,22 @@ def test_stain_copies_carry_the_jitter_instead_of_the_crops(tmp_path):
     assert not np.array_equal(copies, on_the_fly)
 
 
+def test_without_flip_rotate_crops_are_windows_of_the_image_as_scanned():
+    """Each crop is a window of the image, unturned, with the teacher's map of its centre as stored; with
+    ``flip_rotate`` the same step turns or mirrors some of them."""
+    rng = np.random.default_rng(5)
+    pair = DistillPair("noise", rng.uniform(0, 255, (70, 75, 3)).astype(np.float32),
+                       rng.uniform(0, 1, (280, 300)).astype(np.float32))
+    recipe = StudentRecipe(batch_size=8, stain_jitter=0.0, stain_copies=0, scale_jitter=0.0, flip_rotate=False)
+    inputs, targets = sample_batch([pair], recipe, 9, step=0)
+    for x, y in zip(inputs, targets, strict=True):
+        [(i, j)] = [(i, j) for i in range(70 - 58 + 1) for j in range(75 - 58 + 1)
+                    if np.array_equal(pair.inputs_bgr[i:i + 58, j:j + 58].transpose(2, 0, 1), x)]
+        np.testing.assert_array_equal(y[0], pair.target[4 * (i + 9):4 * (i + 49), 4 * (j + 9):4 * (j + 49)])
+    turned, _ = sample_batch([pair], replace(recipe, flip_rotate=True), 9, step=0)
+    assert not np.array_equal(turned, inputs)
+
+
 def test_train_student_trains_the_network_it_is_given(tmp_path):
     """A network passed in (wider here, or the shipped one to train further) is the one trained and returned."""
     rng = np.random.default_rng(2)
@@ -282,8 +298,9 @@ def test_train_student_trains_the_network_it_is_given(tmp_path):
 
 
 def test_a_checkpoint_from_before_a_recipe_field_resumes_only_the_recipe_it_was_trained_with(tmp_path):
-    """A checkpoint saved before ``scale_jitter`` and ``stain_copies`` existed was trained without them (0), whatever
-    today's defaults are: it resumes that recipe and refuses one that uses either.  Resuming also removes the
+    """A checkpoint saved before ``scale_jitter``, ``stain_copies`` and ``flip_rotate`` existed was trained with
+    the values of :data:`RECIPE_FIELDS_ADDED` (no jitter, no copies, flips/rotations on), whatever today's defaults
+    are: it resumes that recipe and refuses one that differs in any of them.  Resuming also removes the
     hidden temporary file of a save that a kill cut short."""
     rng = np.random.default_rng(4)
     pair = DistillPair("noise", rng.uniform(0, 255, (80, 80, 3)).astype(np.float32),
@@ -296,7 +313,7 @@ def test_a_checkpoint_from_before_a_recipe_field_resumes_only_the_recipe_it_was_
         del state["recipe"][field]
     state["recipe"]["iterations"] = 4
     torch.save(state, state_path)
-    for changed in ({"scale_jitter": 0.1}, {"stain_copies": 1}):
+    for changed in ({"scale_jitter": 0.1}, {"stain_copies": 1}, {"flip_rotate": False}):
         with pytest.raises(ValueError, match="saved with another recipe"):
             train_student([pair], tmp_path, replace(old, **changed), log=lambda message: None)
     (tmp_path / ".student-state-4.pt.x1y2z3.tmp").write_bytes(b"")  # a save a kill cut short

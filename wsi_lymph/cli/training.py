@@ -198,7 +198,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     checks.check_model_name(args.teacher, "--teacher")
     recipe = StudentRecipe(iterations=args.iterations, batch_size=args.batch_size, seed=args.seed,
                            stain_jitter=args.stain_jitter, stain_copies=args.stain_copies,
-                           scale_jitter=args.scale_jitter,
+                           scale_jitter=args.scale_jitter, flip_rotate=args.flip_rotate,
                            checkpoint_every=min(args.checkpoint_every, args.iterations))
     # Everything the command reads before the cluster starts is a usage error: exit 2, before any work.
     try:
@@ -317,6 +317,9 @@ def add_training_commands(commands) -> None:
                          help="perturb N copies of each training image instead (each once, as a whole, by "
                          "--stain-jitter) and have the teacher map them, so the targets follow the colours; "
                          f"crops are then not perturbed as drawn; 0 to 16 (default {d.stain_copies})")
+    distill.add_argument("--no-flip-rotate", dest="flip_rotate", action="store_false",
+                         help="train on crops as scanned, without the 8 flips/rotations (the teacher is not "
+                         "equivariant to them, so its maps of turned crops are not turned maps)")
     distill.add_argument("--seed", type=SEED, default=d.seed,
                          help=f"crops and augmentation seed, ≥ 0 (default {d.seed})")
     distill.add_argument("--device", default=None, help="torch device of the training task (default: cuda if any)")

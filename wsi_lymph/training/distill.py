@@ -305,8 +305,9 @@ def sample_batch(pairs: list[DistillPair], recipe: StudentRecipe, halo_px: int, 
     """Crops of step ``step``: inputs (N, 3, S + 2 halo, S + 2 halo) BGR and targets (N, 1, 4 S, 4 S).
 
     Images are drawn in proportion to their area; each crop gets one of the 8 flips/rotations
-    (exact symmetries of the 4 x 4 sub-pixel grid), a stain perturbation (unless the recipe's
-    ``stain_copies`` carry it) and, when the recipe asks for it, a magnification in ``1 ± scale_jitter``.
+    (exact symmetries of the 4 x 4 sub-pixel grid) unless the recipe's ``flip_rotate`` is off, a stain
+    perturbation (unless the recipe's ``stain_copies`` carry it) and, when the recipe asks for it, a
+    magnification in ``1 ± scale_jitter``.
     """
     rng = np.random.default_rng([recipe.seed, step])
     size = recipe.crop_px
@@ -323,10 +324,11 @@ def sample_batch(pairs: list[DistillPair], recipe: StudentRecipe, halo_px: int, 
             x, y = scaled_crop(pair, float(top), float(left), size, halo_px, magnification)
         else:
             x, y = _crop(pair, rng, size, halo_px)
-        turns, flip = int(rng.integers(4)), bool(rng.integers(2))
-        x, y = np.rot90(x, turns), np.rot90(y, turns)
-        if flip:
-            x, y = x[:, ::-1], y[:, ::-1]
+        if recipe.flip_rotate:  # else nothing is drawn: the same crops as with the flips, unturned
+            turns, flip = int(rng.integers(4)), bool(rng.integers(2))
+            x, y = np.rot90(x, turns), np.rot90(y, turns)
+            if flip:
+                x, y = x[:, ::-1], y[:, ::-1]
         inputs.append(_jitter_stain(np.ascontiguousarray(x), rng, on_the_fly).transpose(2, 0, 1))
         targets.append(np.ascontiguousarray(y)[None])
     return np.stack(inputs).astype(np.float32), np.stack(targets).astype(np.float32)

@@ -91,6 +91,10 @@ class StudentRecipe:
         Half-width of the uniform magnification jitter: each crop and its target are resampled
         (bilinear) by a factor in ``1 ± scale_jitter``, for scanners whose µm/px is only estimated.
         0 draws nothing (crops exactly as recipes without this field drew them).
+    flip_rotate : bool
+        Give each crop and its target one of the 8 flips/rotations.  The paper's networks are not
+        equivariant to them, so a flipped crop's flipped target is not the teacher's map of the flipped
+        crop; without them the student follows the teacher more closely (BENCHMARKS.md).
     seed : int
         Crops and augmentations of step ``i`` come from a generator seeded with ``(seed, i)``,
         so a resumed run sees exactly the crops an uninterrupted one would.
@@ -107,10 +111,11 @@ class StudentRecipe:
     stain_jitter: float = 0.08
     stain_copies: int = 1
     scale_jitter: float = 0.1
+    flip_rotate: bool = True
     seed: int = 0
     checkpoint_every: int = 500
 
 
 #: Recipe fields added after student checkpoints were first written, with the value the older checkpoints were
 #: trained with: a checkpoint that lacks a field resumes only a recipe with that value (not today's default).
-RECIPE_FIELDS_ADDED = {"scale_jitter": 0.0, "stain_copies": 0}
+RECIPE_FIELDS_ADDED = {"scale_jitter": 0.0, "stain_copies": 0, "flip_rotate": True}
