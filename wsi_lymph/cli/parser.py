@@ -10,12 +10,11 @@ DEBUG_HELP = "print tracebacks and library messages in full (they are always kep
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """argparse's formatter that appends "(default: …)" to an option's help, unless the help says it already, the
-    option is a flag (takes no value: ``--mirror``, ``--no-flip-rotate``) or it has no value by default (the help
-    says what happens then)."""
+    option is a flag (off unless given) or it has no value by default (the help says what happens then)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if ("default" in text or action.default in (None, False, argparse.SUPPRESS) or action.nargs == 0
+        if ("default" in text or action.default in (None, False, argparse.SUPPRESS)
                 or (not action.option_strings and action.nargs not in (argparse.OPTIONAL, argparse.ZERO_OR_MORE))):
             return text
         return f"{text} (default: %(default)s)"

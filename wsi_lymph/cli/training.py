@@ -318,8 +318,8 @@ def add_training_commands(commands) -> None:
                          "--stain-jitter) and have the teacher map them, so the targets follow the colours; "
                          f"crops are then not perturbed as drawn; 0 to 16 (default {d.stain_copies})")
     distill.add_argument("--no-flip-rotate", dest="flip_rotate", action="store_false",
-                         help="train on crops as scanned, without the 8 flips/rotations (the teacher is not "
-                         "equivariant to them, so its maps of turned crops are not turned maps)")
+                         help="train on crops as scanned; by default each crop gets one of the 8 flips/rotations, "
+                         "but the teacher is not equivariant to them, so its maps of turned crops are not turned maps")
     distill.add_argument("--seed", type=SEED, default=d.seed,
                          help=f"crops and augmentation seed, ≥ 0 (default {d.seed})")
     distill.add_argument("--device", default=None, help="torch device of the training task (default: cuda if any)")
