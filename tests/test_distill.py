@@ -270,7 +270,7 @@ def test_stain_copies_carry_the_jitter_instead_of_the_crops(tmp_path):
 
 def test_without_flip_rotate_crops_are_windows_of_the_image_as_scanned():
     """Each crop is a window of the image, unturned, with the teacher's map of its centre as stored; with
-    ``flip_rotate`` the same step turns or mirrors some of them."""
+    ``flip_rotate`` the step's batch is another."""
     rng = np.random.default_rng(5)
     pair = DistillPair("noise", rng.uniform(0, 255, (70, 75, 3)).astype(np.float32),
                        rng.uniform(0, 1, (280, 300)).astype(np.float32))

@@ -324,7 +324,7 @@ def sample_batch(pairs: list[DistillPair], recipe: StudentRecipe, halo_px: int, 
             x, y = scaled_crop(pair, float(top), float(left), size, halo_px, magnification)
         else:
             x, y = _crop(pair, rng, size, halo_px)
-        if recipe.flip_rotate:  # else nothing is drawn: the same crops as with the flips, unturned
+        if recipe.flip_rotate:  # off: no draws for them, so later crops of the step lie elsewhere than with them
             turns, flip = int(rng.integers(4)), bool(rng.integers(2))
             x, y = np.rot90(x, turns), np.rot90(y, turns)
             if flip:
