@@ -72,6 +72,9 @@ def _student(args, pairs) -> tuple[SubpixelStudentNet, torch.Tensor]:
     # the crops as they are drawn (the recipe of the students shipped before 2026-12-03).
     has_copies = any("-stain" in pair.name for pair in pairs)
     recipe = StudentRecipe() if has_copies else StudentRecipe(stain_copies=0)
+    # Recorded in the checkpoints only: the turned copies are among the pairs already.
+    recipe = replace(recipe, turned_copies=len({pair.name.rsplit("-turn", 1)[1] for pair in pairs
+                                                if "-turn" in pair.name}))
     if args.variant == "further":
         recipe = replace(recipe, iterations=args.iterations or 4000, lr=args.lr, seed=1)  # other crops than before
         net = shipped
@@ -125,9 +128,10 @@ def main() -> None:
         score_student([(net.eval(), mean) for net, mean, _ in map(load_checkpoint, args.members)], args.work)
         return
     plan = [image for image in read_plan(args.plan) if image.role == "train"]
-    # Each training image, and its stain copies where the folder has them (with the teacher's maps of them).
+    # Each training image, and its stain and turned copies where the folder has them (with the teacher's maps).
     images = [args.work / "images" / f"{image.name}.tif" for image in plan]
-    images += [copy for image in plan for copy in sorted((args.work / "images").glob(f"{image.name}-stain*.tif"))
+    images += [copy for image in plan for kind in ("stain", "turn")
+               for copy in sorted((args.work / "images").glob(f"{image.name}-{kind}*.tif"))
                if (args.work / "teacher" / copy.stem / "prob.zarr").is_dir()]
     pairs = [load_pair(path.stem, path, args.work / "teacher" / path.stem / "prob.zarr") for path in images]
     net, mean_image = _student(args, pairs)

@@ -27,6 +27,7 @@ from wsi_lymph.training.distill import (
     RUN_SETTINGS_FILE,
     DistillPair,
     claim_out_dir,
+    copy_view,
     read_plan,
     reference_statistics,
     run_settings,
@@ -34,6 +35,7 @@ from wsi_lymph.training.distill import (
     scaled_crop,
     stain_copy,
     train_student,
+    turned_copy,
 )
 from wsi_lymph.training.settings import RECIPE_FIELDS_ADDED, StudentRecipe
 
@@ -53,7 +55,8 @@ def _plan(folder: Path) -> Path:
 def _distill(plan: Path, out: Path, env: dict) -> subprocess.Popen:
     command = [sys.executable, "-m", "wsi_lymph.cli", "distill", str(plan), "--crops", str(CROPS), "--out", str(out),
                "--teacher", "janowczyk2016/fold1", "--teacher-stride", "8", "--iterations", "60",
-               "--batch-size", "4", "--checkpoint-every", "20", "--stain-copies", "1", "--workers", "1",
+               "--batch-size", "4", "--checkpoint-every", "20", "--stain-copies", "1", "--turned-copies", "1",
+               "--workers", "1",
                "--dashboard", ":0"]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -102,6 +105,11 @@ def test_distill_runs_end_to_end_and_resumes_after_a_kill(tmp_path, model_cache)
     assert json.loads((out / RUN_SETTINGS_FILE).read_text())["teacher_stride"] == 8  # what a rerun must match
     assert sorted(p.name for p in (out / "images").glob("*-stain*.tif")) == ["a-stain1.tif", "b-stain1.tif"]
     assert all((out / "teacher" / name / "prob.zarr" / "zarr.json").is_file() for name in ("a-stain1", "b-stain1"))
+    # And one turned copy of each, mapped by the teacher too, its orientation on record.
+    assert card["recipe"]["turned_copies"] == 1 and names["c"]["turned_copies"] == []
+    [turned] = names["a"]["turned_copies"]
+    assert turned["name"] == "a-turn1" and turned["quarter_turns_and_flip"] == list(copy_view("a", 1, seed=0))
+    assert (out / "teacher" / "b-turn1" / "prob.zarr" / "zarr.json").is_file()
     # Scores: leave-one-crop-out over the 3 crops, concordance on the held-out image, the stain-shift curve.
     loco = card["evaluation"]["crops_leave_one_out"]
     assert [row["image"] for row in loco["per_crop"]] == ["example_1", "example_2", "example_3"]
@@ -268,6 +276,44 @@ def test_stain_copies_carry_the_jitter_instead_of_the_crops(tmp_path):
     assert not np.array_equal(copies, on_the_fly)
 
 
+def test_turned_copies_are_the_other_seven_orientations_of_the_image_each_once(tmp_path):
+    """Copies 1 to 7 of an image are its 7 non-identity flips/rotations, each once, with the image's µm/px (x and
+    y swapped by a quarter turn); a rerun writes the same copy, and images do not all turn alike."""
+    import tifffile
+
+    rng = np.random.default_rng(6)
+    image = tmp_path / "img.tif"
+    rgb = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    tifffile.imwrite(image, rgb, photometric="rgb", resolution=(2e4, 1e4), resolutionunit="CENTIMETER")
+    views = {(turns, flip): np.rot90(rgb, turns)[:, ::-1] if flip else np.rot90(rgb, turns)
+             for turns in range(4) for flip in (False, True)}
+    found = []
+    for copy in range(1, 8):
+        path = turned_copy(image, copy, seed=0)
+        assert path == image.with_name(f"img-turn{copy}.tif")
+        with tifffile.TiffFile(path) as tif:
+            pixels = tif.pages[0].asarray()
+            x_res, y_res = (tif.pages[0].tags[t].value for t in ("XResolution", "YResolution"))
+        [view] = [v for v, turned in views.items() if turned.shape == pixels.shape and np.array_equal(turned, pixels)]
+        assert view == copy_view("img", copy, seed=0)
+        assert (x_res, y_res) == (((10000, 1), (20000, 1)) if view[0] % 2 else ((20000, 1), (10000, 1)))
+        found.append(view)
+    assert sorted(found) == sorted(v for v in views if v != (0, False))
+    before = turned_copy(image, 1, seed=0).stat().st_mtime_ns
+    assert turned_copy(image, 1, seed=0).stat().st_mtime_ns == before  # reused, not written again
+    assert len({copy_view(name, 1, seed=0) for name in "abcdefgh"}) > 1
+    with pytest.raises(ValueError, match="turned copy 8"):
+        copy_view("img", 8, seed=0)
+
+
+def test_a_plan_image_named_like_a_copy_is_refused(tmp_path):
+    plan = tmp_path / "plan.json"
+    for name in ("a-turn1", "a-stain2", "x/y", ""):
+        plan.write_text(json.dumps({"images": [{"name": name, "path": "a.tif"}]}))
+        with pytest.raises(ValueError, match=f"plan.json: image name {name!r}"):
+            read_plan(plan)
+
+
 def test_without_flip_rotate_crops_are_windows_of_the_image_as_scanned():
     """Each crop is a window of the image, unturned, with the teacher's map of its centre as stored; with
     ``flip_rotate`` the step's batch is another."""
@@ -298,7 +344,8 @@ def test_train_student_trains_the_network_it_is_given(tmp_path):
 
 
 def test_a_checkpoint_from_before_a_recipe_field_resumes_only_the_recipe_it_was_trained_with(tmp_path):
-    """A checkpoint saved before ``scale_jitter``, ``stain_copies`` and ``flip_rotate`` existed was trained with
+    """A checkpoint saved before ``scale_jitter``, ``stain_copies``, ``flip_rotate`` and ``turned_copies`` existed
+    was trained with
     the values of :data:`RECIPE_FIELDS_ADDED` (no jitter, no copies, flips/rotations on), whatever today's defaults
     are: it resumes that recipe and refuses one that differs in any of them.  Resuming also removes the
     hidden temporary file of a save that a kill cut short."""
@@ -313,7 +360,7 @@ def test_a_checkpoint_from_before_a_recipe_field_resumes_only_the_recipe_it_was_
         del state["recipe"][field]
     state["recipe"]["iterations"] = 4
     torch.save(state, state_path)
-    for changed in ({"scale_jitter": 0.1}, {"stain_copies": 1}, {"flip_rotate": False}):
+    for changed in ({"scale_jitter": 0.1}, {"stain_copies": 1}, {"flip_rotate": False}, {"turned_copies": 1}):
         with pytest.raises(ValueError, match="saved with another recipe"):
             train_student([pair], tmp_path, replace(old, **changed), log=lambda message: None)
     (tmp_path / ".student-state-4.pt.x1y2z3.tmp").write_bytes(b"")  # a save a kill cut short

@@ -199,6 +199,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     recipe = StudentRecipe(iterations=args.iterations, batch_size=args.batch_size, seed=args.seed,
                            stain_jitter=args.stain_jitter, stain_copies=args.stain_copies,
                            scale_jitter=args.scale_jitter, flip_rotate=args.flip_rotate,
+                           turned_copies=args.turned_copies,
                            checkpoint_every=min(args.checkpoint_every, args.iterations))
     # Everything the command reads before the cluster starts is a usage error: exit 2, before any work.
     try:
@@ -320,6 +321,10 @@ def add_training_commands(commands) -> None:
     distill.add_argument("--no-flip-rotate", dest="flip_rotate", action="store_false",
                          help="train on crops as scanned; by default each crop gets one of the 8 flips/rotations, "
                          "but the teacher is not equivariant to them, so its maps of turned crops are not turned maps")
+    distill.add_argument("--turned-copies", type=integer(0, 7), default=d.turned_copies,
+                         help="turn or flip N copies of each training image (each as a whole, each another of the "
+                         "7 flips/rotations) and have the teacher map them: other orientations with the teacher's "
+                         f"own targets; 0 to 7 (default {d.turned_copies})")
     distill.add_argument("--seed", type=SEED, default=d.seed,
                          help=f"crops and augmentation seed, ≥ 0 (default {d.seed})")
     distill.add_argument("--device", default=None, help="torch device of the training task (default: cuda if any)")

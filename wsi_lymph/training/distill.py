@@ -7,12 +7,14 @@ The recipe, each step resumable (a finished step's files are reused):
    reference domain (Reinhard, :mod:`wsi_lymph.detection.stain`, statistics of the
    whole image's tissue) and written as a small TIFF with its resolution
    (``OUT/images/<name>.tif``), with ``stain_copies`` stain-jittered copies of each
-   training image (``OUT/images/<name>-stain<k>.tif``, :func:`stain_copy`);
+   training image (``OUT/images/<name>-stain<k>.tif``, :func:`stain_copy`) and
+   ``turned_copies`` turned or flipped ones (``OUT/images/<name>-turn<k>.tif``, :func:`turned_copy`);
 2. **teacher**: the teacher's maps of those files, computed by the engine itself
    (``OUT/teacher/<name>/prob.zarr``: the ensemble, stride 4 with its cubic filling);
 3. **train**: the student learns the teacher's map from the same normalised
    pixels, read through the same code the engine runs (:func:`student_inputs`), with
-   flips, 90° rotations and scale jitter; checkpoints let a stopped run resume;
+   flips and 90° rotations of the crops (unless the recipe turns them off) and scale
+   jitter; checkpoints let a stopped run resume;
 4. **evaluate**: threshold chosen leave-one-crop-out on the annotated crops,
    concordance with the teacher on held-out images, then ``model.pt`` and
    ``model-card.json``.
@@ -27,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -82,7 +85,11 @@ CROPS_MPP = 0.5
 #: Stride of the teacher's maps of held-out images (model-frame px): the engine's default, as ``detect`` runs.
 HELDOUT_STRIDE_PX = 2
 #: Key prefixes of this module's own tasks (the teacher's maps are the batch's ``infer`` and others).
-DISTILL_STAGES = ("prepare", "stain-copy", "distill-train")
+DISTILL_STAGES = ("prepare", "stain-copy", "turned-copy", "distill-train")
+#: Ending of the names of an image's stain and turned copies (a plan image may not end so).
+COPY_SUFFIX = r"-(stain|turn)\d+$"
+#: The 8 flips/rotations as (quarter turns, as numpy.rot90, then a left-right flip); the first is the identity.
+DIHEDRAL_VIEWS = tuple((turns, flip) for turns in range(4) for flip in (False, True))
 #: Level pixels kept around a plan's region, so the teacher's patches at its border see real tissue.
 PREPARE_MARGIN_PX = 24
 
@@ -141,6 +148,10 @@ def read_plan(path: str | os.PathLike) -> list[PlanImage]:
     names = [image.name for image in images]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: image names must be unique, got {names}")
+    for name in names:
+        if re.search(COPY_SUFFIX, name) or not name or "/" in name:
+            raise ValueError(f"{path}: image name {name!r}: a name names files and folders, so it may not be empty, "
+                             "hold a '/' or end like a copy's (-stainN, -turnN)")
     if not any(image.role == "train" for image in images):
         raise ValueError(f"{path}: the plan has no image with role 'train'")
     return images
@@ -219,20 +230,61 @@ def stain_copy(image_path: str | os.PathLike, copy: int, amount: float, seed: in
     Returns the file (reused if it exists: writes are atomic).
     """
     image_path = Path(image_path)
-    out = image_path.with_name(f"{image_path.stem}-stain{copy}.tif")
+    rng = np.random.default_rng([seed, copy, *image_path.stem.encode()])
+
+    def perturbed(rgb: np.ndarray) -> np.ndarray:
+        jittered = _jitter_stain(rgb[..., ::-1].astype(np.float32), rng, amount)[..., ::-1]
+        return np.clip(np.rint(jittered), 0, 255).astype(np.uint8)
+
+    return _derived_copy(image_path, f"stain{copy}", perturbed, swaps_axes=False)
+
+
+def copy_view(name: str, copy: int, seed: int) -> tuple[int, bool]:
+    """The flip/rotation (quarter turns, flip) of turned copy ``copy`` (1 to 7) of the image ``name``.
+
+    The 7 non-identity views in an order drawn from ``seed`` and the name: an image's copies are
+    distinct, and with one copy each the images do not all turn the same way.
+    """
+    if not 1 <= copy <= len(DIHEDRAL_VIEWS) - 1:
+        raise ValueError(f"turned copy {copy}: an image has 7 (1 to 7)")
+    order = np.random.default_rng([seed, *name.encode()]).permutation(len(DIHEDRAL_VIEWS) - 1) + 1
+    return DIHEDRAL_VIEWS[order[copy - 1]]
+
+
+def turned_copy(image_path: str | os.PathLike, copy: int, seed: int) -> Path:
+    """Write ``<image>-turn<copy>.tif`` beside a prepared image: turned and/or flipped as a whole (:func:`copy_view`).
+
+    The teacher maps the copy like any training image, so its target is the teacher's own answer to that
+    orientation; a turned crop with a turned target (the recipe's ``flip_rotate``) assumes an equivariance
+    the teacher does not have.  Same µm/px as the image.  Returns the file (reused if it exists).
+    """
+    image_path = Path(image_path)
+    turns, flip = copy_view(image_path.stem, copy, seed)
+
+    def turned(rgb: np.ndarray) -> np.ndarray:
+        rgb = np.rot90(rgb, turns)
+        return np.ascontiguousarray(rgb[:, ::-1] if flip else rgb)
+
+    return _derived_copy(image_path, f"turn{copy}", turned, swaps_axes=turns % 2 == 1)
+
+
+def _derived_copy(image_path: Path, suffix: str, make, *, swaps_axes: bool) -> Path:
+    """``<image>-<suffix>.tif`` beside a prepared image: ``make(rgb)``, with the image's resolution (``swaps_axes``:
+    x and y trade places).  An existing file is reused: writes are atomic, so it is complete."""
+    out = image_path.with_name(f"{image_path.stem}-{suffix}.tif")
     if out.is_file():
         return out
     with tifffile.TiffFile(image_path) as tif:
         page = tif.pages[0]
         rgb = page.asarray()
-        resolution = page.tags["XResolution"].value, page.tags["YResolution"].value
+        x_resolution, y_resolution = (page.tags[tag].value for tag in ("XResolution", "YResolution"))
         unit = page.tags["ResolutionUnit"].value
-    rng = np.random.default_rng([seed, copy, *image_path.stem.encode()])
-    jittered = _jitter_stain(rgb[..., ::-1].astype(np.float32), rng, amount)[..., ::-1]
-    pixels = np.clip(np.rint(jittered), 0, 255).astype(np.uint8)
+    if swaps_axes:
+        x_resolution, y_resolution = y_resolution, x_resolution
+    pixels = make(rgb)
     write_atomic(out, lambda tmp: tifffile.imwrite(
-        tmp, pixels, photometric="rgb", resolution=(resolution[0][0] / resolution[0][1],
-                                                     resolution[1][0] / resolution[1][1]), resolutionunit=unit,
+        tmp, pixels, photometric="rgb", resolution=(x_resolution[0] / x_resolution[1], y_resolution[0] /
+                                                    y_resolution[1]), resolutionunit=unit,
     ))
     return out
 
@@ -613,8 +665,11 @@ def run_distill(
     train = [im for im in plan if im.role == "train"]
     heldout = [im for im in plan if im.role == "heldout"]
     copies = _stain_copies(client, [prepared[im.name] for im in train], recipe)
+    turned = _turned_copies(client, [prepared[im.name] for im in train], recipe)
     log(f"teacher maps ({teacher}, stride {teacher_stride_px}) of {len(train)} training images"
-        + (f" and {len(copies)} stain-jittered copies of them" if copies else ""))
+        + (f", {len(copies)} stain-jittered copies of them" if copies else "")
+        + (f", {len(turned)} turned copies of them" if turned else ""))
+    copies += turned
     # One batch for originals and copies, so their tasks share the cluster.
     _teacher_maps(client, [prepared[im.name] for im in train] + copies, out / "teacher", teacher, teacher_stride_px,
                   model_source)
@@ -709,6 +764,14 @@ def _stain_copies(client, files: list[Path], recipe: StudentRecipe) -> list[Path
     return [Path(future.result()) for future in futures]
 
 
+def _turned_copies(client, files: list[Path], recipe: StudentRecipe) -> list[Path]:
+    """The recipe's turned copies of the prepared training images, one ``turned-copy`` task each."""
+    futures = [client.submit(turned_copy, path, copy, recipe.seed,
+                             key=f"turned-copy-{_token(str(path), copy, recipe.seed)}", pure=False)
+               for path in files for copy in range(1, recipe.turned_copies + 1)]
+    return [Path(future.result()) for future in futures]
+
+
 def _teacher_maps(client, files: list[Path], out_dir: Path, teacher: str, stride_px: int,
                   model_source: str | None) -> None:
     """The teacher's float32 maps of whole prepared images, through the engine (finished maps are reused)."""
@@ -770,10 +833,19 @@ def _write_model(out: Path, net: SubpixelStudentNet, mean_image: torch.Tensor, r
         "images": [{"name": im.name, "role": im.role, "source": Path(im.path).name, "mpp": im.mpp,
                     "region_level0": im.region_level0, "source_sha256": pooch.file_hash(im.path),
                     "prepared_sha256": pooch.file_hash(str(prepared[im.name])),
-                    "stain_copies": [{"name": c.stem, "sha256": pooch.file_hash(str(c))} for c in copies
-                                     if c.stem.rsplit("-stain", 1)[0] == im.name]} for im in plan],
+                    **_copies_record(im.name, copies, recipe.seed)} for im in plan],
         "recipe": asdict(recipe), "seed": recipe.seed, "evaluation": evaluation,
         "versions": {"wsi_lymph": __version__, "torch": torch.__version__},
     }
     write_atomic(out / "model-card.json", json.dumps(card, indent=2).encode())
     return model_path
+
+
+def _copies_record(name: str, copies: list[Path], seed: int) -> dict:
+    """The model card's record of an image's stain and turned copies (names, sha256, the turned ones' view)."""
+    def of(kind: str) -> list[tuple[Path, int]]:
+        return [(c, int(c.stem.rsplit(f"-{kind}", 1)[1])) for c in copies if c.stem.rsplit(f"-{kind}", 1)[0] == name]
+
+    return {"stain_copies": [{"name": c.stem, "sha256": pooch.file_hash(str(c))} for c, _ in of("stain")],
+            "turned_copies": [{"name": c.stem, "sha256": pooch.file_hash(str(c)),
+                               "quarter_turns_and_flip": copy_view(name, k, seed)} for c, k in of("turn")]}

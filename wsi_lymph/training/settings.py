@@ -95,6 +95,10 @@ class StudentRecipe:
         Give each crop and its target one of the 8 flips/rotations.  The paper's networks are not
         equivariant to them, so a flipped crop's flipped target is not the teacher's map of the flipped
         crop; without them the student follows the teacher more closely (BENCHMARKS.md).
+    turned_copies : int
+        N > 0: N copies of each training image, each turned and/or flipped as a whole by another of
+        the 7 non-identity flips/rotations and given the teacher's own map of it: other orientations
+        with targets the teacher really gives (0 to 7).
     seed : int
         Crops and augmentations of step ``i`` come from a generator seeded with ``(seed, i)``,
         so a resumed run sees exactly the crops an uninterrupted one would.
@@ -112,10 +116,11 @@ class StudentRecipe:
     stain_copies: int = 1
     scale_jitter: float = 0.1
     flip_rotate: bool = True
+    turned_copies: int = 0
     seed: int = 0
     checkpoint_every: int = 500
 
 
 #: Recipe fields added after student checkpoints were first written, with the value the older checkpoints were
 #: trained with: a checkpoint that lacks a field resumes only a recipe with that value (not today's default).
-RECIPE_FIELDS_ADDED = {"scale_jitter": 0.0, "stain_copies": 0, "flip_rotate": True}
+RECIPE_FIELDS_ADDED = {"scale_jitter": 0.0, "stain_copies": 0, "flip_rotate": True, "turned_copies": 0}
