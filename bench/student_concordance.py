@@ -8,7 +8,7 @@ float32 --out DIR``), the teacher's stride-4 centres against its stride-2 centre
 
 Usage::
 
-    .venv/bin/python bench/student_concordance.py --work distill/ [--teacher-stride4 DIR]
+    .venv/bin/python bench/student_concordance.py --work distill/ [--model NAME_OR_CHECKPOINT] [--teacher-stride4 DIR]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from wsi_lymph.slides.frame import choose_frame
 from wsi_lymph.slides.reader import open_slide
 from wsi_lymph.training.distill import concordance, image_map
 
-SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.925)
+SWEEP = (0.3, 0.4, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.925)
 
 
 def _map(path: Path):
@@ -37,8 +37,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True, help="a wsi-lymph distill --out folder")
     parser.add_argument("--teacher-stride4", type=Path, default=None)
     parser.add_argument("--images", nargs="+", default=["tia", "stardist", "hl-lung"])
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="the student (default: the default model)")
     args = parser.parse_args()
-    members = load_model(DEFAULT_MODEL).members
+    members = load_model(args.model).members
     found = {}
     for name in args.images:
         image = args.work / "images" / f"{name}.tif"

@@ -87,7 +87,8 @@ def _student(args, pairs) -> tuple[SubpixelStudentNet, torch.Tensor]:
         recipe = replace(recipe, stain_jitter=args.stain_jitter)
     if args.scale_jitter is not None:
         recipe = replace(recipe, scale_jitter=args.scale_jitter)
-    recipe = replace(recipe, flip_rotate=args.flip_rotate)
+    if args.flip_rotate is not None:
+        recipe = replace(recipe, flip_rotate=args.flip_rotate)
     started = time.perf_counter()
     net, mean_image, _ = train_student(pairs, args.out, recipe, net=net, log=lambda m: print(m, flush=True))
     print(f"trained in {time.perf_counter() - started:.0f} s; {net.flops_per_input_px() / 1e3:.1f} kFLOP per 20x "
@@ -108,8 +109,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of --variant further")
     parser.add_argument("--width", type=int, default=48, help="channels of --variant wider")
     parser.add_argument("--seed", type=int, default=None, help="seed of --variant wider (default: the recipe's)")
-    parser.add_argument("--no-flip-rotate", dest="flip_rotate", action="store_false",
-                        help="train on crops as scanned (the recipe field flip_rotate)")
+    parser.add_argument("--flip-rotate", action=argparse.BooleanOptionalAction, default=None,
+                        help="the recipe field flip_rotate (default: the recipe's, off)")
     parser.add_argument("--stain-jitter", type=float, default=None, help="default: the recipe's")
     parser.add_argument("--scale-jitter", type=float, default=None, help="default: the recipe's")
     parser.add_argument("--plan", type=Path, default=ROOT / "docs" / "distill-plan.json",

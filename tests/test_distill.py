@@ -352,7 +352,8 @@ def test_a_checkpoint_from_before_a_recipe_field_resumes_only_the_recipe_it_was_
     rng = np.random.default_rng(4)
     pair = DistillPair("noise", rng.uniform(0, 255, (80, 80, 3)).astype(np.float32),
                        rng.uniform(0, 1, (320, 320)).astype(np.float32))
-    old = StudentRecipe(iterations=4, batch_size=2, checkpoint_every=2, scale_jitter=0.0, stain_copies=0)
+    old = StudentRecipe(iterations=4, batch_size=2, checkpoint_every=2, scale_jitter=0.0, stain_copies=0,
+                        flip_rotate=True)
     train_student([pair], tmp_path, replace(old, iterations=2), log=lambda message: None)
     [state_path] = tmp_path.glob("student-state-2.pt")
     state = torch.load(state_path, weights_only=True)

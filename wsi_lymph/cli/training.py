@@ -318,9 +318,10 @@ def add_training_commands(commands) -> None:
                          help="perturb N copies of each training image instead (each once, as a whole, by "
                          "--stain-jitter) and have the teacher map them, so the targets follow the colours; "
                          f"crops are then not perturbed as drawn; 0 to 16 (default {d.stain_copies})")
-    distill.add_argument("--no-flip-rotate", dest="flip_rotate", action="store_false",
-                         help="train on crops as scanned; by default each crop gets one of the 8 flips/rotations, "
-                         "but the teacher is not equivariant to them, so its maps of turned crops are not turned maps")
+    distill.add_argument("--flip-rotate", action=argparse.BooleanOptionalAction, default=d.flip_rotate,
+                         help="give each training crop and its target one of the 8 flips/rotations (default: "
+                         f"{'on' if d.flip_rotate else 'off'}: crops as scanned, since the teacher is not equivariant "
+                         "to them, so its maps of turned crops are not turned maps)")
     distill.add_argument("--turned-copies", type=integer(0, 7), default=d.turned_copies,
                          help="turn or flip N copies of each training image (each as a whole, each another of the "
                          "7 flips/rotations) and have the teacher map them: other orientations with the teacher's "

@@ -94,7 +94,8 @@ class StudentRecipe:
     flip_rotate : bool
         Give each crop and its target one of the 8 flips/rotations.  The paper's networks are not
         equivariant to them, so a flipped crop's flipped target is not the teacher's map of the flipped
-        crop; without them the student follows the teacher more closely (BENCHMARKS.md).
+        crop; without them the student follows the teacher more closely (BENCHMARKS.md), so they are
+        off by default (students shipped before 2026-12-04 were trained with them).
     turned_copies : int
         N > 0: N copies of each training image, each turned and/or flipped as a whole by another of
         the 7 non-identity flips/rotations and given the teacher's own map of it: other orientations
@@ -115,7 +116,7 @@ class StudentRecipe:
     stain_jitter: float = 0.08
     stain_copies: int = 1
     scale_jitter: float = 0.1
-    flip_rotate: bool = True
+    flip_rotate: bool = False
     turned_copies: int = 0
     seed: int = 0
     checkpoint_every: int = 500
