@@ -32,15 +32,10 @@ from wsi_lymph.detection.peaks import greedy_peaks, smooth_probability
 from wsi_lymph.detection.stain import LabStatistics, ReinhardTransform, lab_statistics
 from wsi_lymph.models.registry import load_model
 from wsi_lymph.training.dataset import read_dataset
-from wsi_lymph.training.distill import leave_one_crop_out
+from wsi_lymph.training.distill import DIHEDRAL_VIEWS, dihedral, leave_one_crop_out
 
 CROPS = Path(__file__).resolve().parents[2] / "shared" / "data" / "lymph-centers"
 CROPS_MPP = 0.5
-
-
-def _dihedral(image: np.ndarray, turns: int, flip: bool) -> np.ndarray:
-    image = np.rot90(image, turns)
-    return image[:, ::-1] if flip else image
 
 
 def _undo(prob: np.ndarray, turns: int, flip: bool) -> np.ndarray:
@@ -48,14 +43,14 @@ def _undo(prob: np.ndarray, turns: int, flip: bool) -> np.ndarray:
 
 
 #: The 8 dihedral transforms as (quarter turns, flip); the first is the crop as scanned.
-VIEWS = [(t, f) for t in range(4) for f in (False, True)]
+VIEWS = list(DIHEDRAL_VIEWS)
 
 
 def crop_map(members: list, rgb: np.ndarray, tta: bool, views: list[tuple[int, bool]] | None = None,
              stride_px: int = 1) -> np.ndarray:
     """The model-frame map of one crop: as scanned, the mean over ``views`` (default: all 8 with ``tta``)."""
     views = views or (VIEWS if tta else [(0, False)])
-    maps = [_undo(image_probabilities(np.ascontiguousarray(_dihedral(rgb, t, f)), members, scale=FRAME_SCALE,
+    maps = [_undo(image_probabilities(np.ascontiguousarray(dihedral(rgb, t, f)), members, scale=FRAME_SCALE,
                                       stride_px=stride_px), t, f)
             for t, f in views]
     return np.mean(maps, axis=0)

@@ -260,12 +260,14 @@ def turned_copy(image_path: str | os.PathLike, copy: int, seed: int) -> Path:
     """
     image_path = Path(image_path)
     turns, flip = copy_view(image_path.stem, copy, seed)
+    return _derived_copy(image_path, f"turn{copy}", lambda rgb: np.ascontiguousarray(dihedral(rgb, turns, flip)),
+                         swaps_axes=turns % 2 == 1)
 
-    def turned(rgb: np.ndarray) -> np.ndarray:
-        rgb = np.rot90(rgb, turns)
-        return np.ascontiguousarray(rgb[:, ::-1] if flip else rgb)
 
-    return _derived_copy(image_path, f"turn{copy}", turned, swaps_axes=turns % 2 == 1)
+def dihedral(image: np.ndarray, turns: int, flip: bool) -> np.ndarray:
+    """``image`` (rows, cols, ...) turned ``turns`` quarter turns (as :func:`numpy.rot90`), then mirrored left-right."""
+    image = np.rot90(image, turns)
+    return image[:, ::-1] if flip else image
 
 
 def _derived_copy(image_path: Path, suffix: str, make, *, swaps_axes: bool) -> Path:
