@@ -10,7 +10,8 @@ scores one student:
   ``--scale-jitter``);
 * ``--variant wider``: a fresh student of ``--width`` channels trained with the shipped recipe (``--iterations``
   steps, other augmentations as for ``further``);
-* ``--variant members``: the checkpoints given with ``--members``, their maps averaged (e.g. two seeds).
+* ``--variant members``: the checkpoints given with ``--members`` (each holding one network or several), all
+  their networks' maps averaged (e.g. two seeds).
 
 For each, leave-one-crop-out F on the three annotated crops (as the model card), and on held-out and training
 images the map correlation with the teacher and the concordance F (3 µm) at the student's threshold and at 0.70
@@ -36,7 +37,7 @@ import torch
 from wsi_lymph.constants import DEFAULT_MODEL, DEFAULT_TOLERANCE_UM, PAPER_THRESHOLD
 from wsi_lymph.detection.evaluate import DetectionScore, pooled
 from wsi_lymph.io.probmap_store import open_probmap
-from wsi_lymph.models.checkpoints import load_checkpoint
+from wsi_lymph.models.checkpoints import load_checkpoint_members
 from wsi_lymph.models.networks import SubpixelStudentNet
 from wsi_lymph.models.registry import load_model
 from wsi_lymph.slides.frame import choose_frame
@@ -63,11 +64,12 @@ TRAINING = ("cmu-a", "hl-high", "prostate-a", "hl-tissue-a")
 MATCHED_THRESHOLD = 0.70
 
 
-def _student(args, pairs) -> tuple[SubpixelStudentNet, torch.Tensor]:
-    """The network to score: shipped, shipped and trained further, or a fresh wider one trained."""
-    [(shipped, mean_image)] = load_model(DEFAULT_MODEL).members
+def _student(args, pairs) -> list[tuple[SubpixelStudentNet, torch.Tensor]]:
+    """The networks to score: shipped, shipped and trained further, or a fresh wider one trained."""
+    shipped_members = load_model(DEFAULT_MODEL).members
     if args.variant == "shipped":
-        return shipped, mean_image
+        return shipped_members
+    shipped = shipped_members[0][0]  # trained further: the first of the shipped students
     # The shipped recipe puts the stain jitter on copies of the images; a work folder without copies gets it on
     # the crops as they are drawn (the recipe of the students shipped before 2026-12-03).
     has_copies = any("-stain" in pair.name for pair in pairs)
@@ -93,7 +95,7 @@ def _student(args, pairs) -> tuple[SubpixelStudentNet, torch.Tensor]:
     net, mean_image, _ = train_student(pairs, args.out, recipe, net=net, log=lambda m: print(m, flush=True))
     print(f"trained in {time.perf_counter() - started:.0f} s; {net.flops_per_input_px() / 1e3:.1f} kFLOP per 20x "
           f"pixel; recipe {json.dumps(asdict(recipe))}")
-    return net, mean_image
+    return [(net, mean_image)]
 
 
 def main() -> None:
@@ -126,7 +128,7 @@ def main() -> None:
     if args.variant == "members":
         if not args.members:
             parser.error("--variant members needs --members")
-        score_student([(net.eval(), mean) for net, mean, _ in map(load_checkpoint, args.members)], args.work)
+        score_student([member for path in args.members for member in load_checkpoint_members(path)[0]], args.work)
         return
     plan = [image for image in read_plan(args.plan) if image.role == "train"]
     # Each training image, and its stain and turned copies where the folder has them (with the teacher's maps).
@@ -135,8 +137,7 @@ def main() -> None:
                for copy in sorted((args.work / "images").glob(f"{image.name}-{kind}*.tif"))
                if (args.work / "teacher" / copy.stem / "prob.zarr").is_dir()]
     pairs = [load_pair(path.stem, path, args.work / "teacher" / path.stem / "prob.zarr") for path in images]
-    net, mean_image = _student(args, pairs)
-    score_student([(net.eval(), mean_image)], args.work)
+    score_student([(net.eval(), mean) for net, mean in _student(args, pairs)], args.work)
 
 
 def score_student(members: list, work: Path) -> None:

@@ -24,7 +24,7 @@ from wsi_lymph.models.caffe import (
     read_binaryproto,
     read_caffemodel,
 )
-from wsi_lymph.models.checkpoints import ModelError
+from wsi_lymph.models.checkpoints import ModelError, load_checkpoint, load_checkpoint_members
 from wsi_lymph.models.networks import PatchNet
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -137,7 +137,7 @@ def test_import_fold(fold: int, tmp_path: Path) -> None:
     np.testing.assert_array_equal(ckpt["state_dict"]["conv2.weight"].numpy(), blobs["conv2"][0])
     np.testing.assert_array_equal(ckpt["state_dict"]["ip1.weight"].numpy(), blobs["ip1"][0])
     np.testing.assert_array_equal(ckpt["mean_bgr"].numpy(), read_binaryproto(meanfile(fold)))
-    net, mean, meta2 = models.load_checkpoint(out)
+    net, mean, meta2 = load_checkpoint(out)
     assert not net.training and meta2 == meta and mean.device.type == "cpu"
 
 
@@ -443,17 +443,27 @@ def test_load_checkpoint_validation(tmp_path: Path) -> None:
     other = tmp_path / "other_format.pt"
     torch.save({**ckpt, "meta": {**ckpt["meta"], "format": "something-else/9"}}, other)
     with pytest.raises(ModelError, match=re.escape(f"{other}: checkpoint format")):
-        models.load_checkpoint(other)
+        load_checkpoint(other)
 
     arch = tmp_path / "other_arch.pt"
     torch.save({**ckpt, "meta": {**ckpt["meta"], "arch": "resnet50"}}, arch)
     with pytest.raises(ModelError, match="other_arch.pt: network architecture is 'resnet50'"):
-        models.load_checkpoint(arch)
+        load_checkpoint(arch)
 
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a torch file")
     with pytest.raises(ModelError, match="garbage.pt"):
-        models.load_checkpoint(garbage)
+        load_checkpoint(garbage)
 
     with pytest.raises(ModelError, match="missing.pt"):
-        models.load_checkpoint(tmp_path / "missing.pt")
+        load_checkpoint(tmp_path / "missing.pt")
+
+    # A file of several networks (format 2) needs at least one, each with weights and a mean image.
+    for name, members in (("no_members.pt", []), ("no_mean.pt", [{"state_dict": ckpt["state_dict"]}])):
+        torch.save({"members": members, "meta": {**ckpt["meta"], "format": "wsi-lymph-checkpoint/2"}}, tmp_path / name)
+        with pytest.raises(ModelError, match=f"{name}: members must be a non-empty list"):
+            load_checkpoint_members(tmp_path / name)
+    mislabelled = tmp_path / "mislabelled.pt"  # one network's keys under the format of several
+    torch.save({**ckpt, "meta": {**ckpt["meta"], "format": "wsi-lymph-checkpoint/2"}}, mislabelled)
+    with pytest.raises(ModelError, match="mislabelled.pt: checkpoint format is 'wsi-lymph-checkpoint/2', expected"):
+        load_checkpoint_members(mislabelled)

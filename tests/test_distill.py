@@ -21,7 +21,7 @@ from scipy import ndimage
 from wsi_lymph.cli.main import main
 from wsi_lymph.detection.stain import lab_statistics
 from wsi_lymph.models.architectures import STUDENT_ARCH
-from wsi_lymph.models.checkpoints import load_checkpoint
+from wsi_lymph.models.checkpoints import load_checkpoint_members
 from wsi_lymph.models.networks import SubpixelStudentNet
 from wsi_lymph.training.distill import (
     RUN_SETTINGS_FILE,
@@ -56,7 +56,7 @@ def _distill(plan: Path, out: Path, env: dict) -> subprocess.Popen:
     command = [sys.executable, "-m", "wsi_lymph.cli", "distill", str(plan), "--crops", str(CROPS), "--out", str(out),
                "--teacher", "janowczyk2016/fold1", "--teacher-stride", "8", "--iterations", "60",
                "--batch-size", "4", "--checkpoint-every", "20", "--stain-copies", "1", "--turned-copies", "1",
-               "--workers", "1",
+               "--members", "2", "--workers", "1",
                "--dashboard", ":0"]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -85,8 +85,13 @@ def test_distill_runs_end_to_end_and_resumes_after_a_kill(tmp_path, model_cache)
 
     card = json.loads((out / "model-card.json").read_text())
     # Resumed: training went on from a checkpoint of the killed run, not from step 0.
-    assert card["evaluation"]["training_resumed_from_step"] >= 20
-    net, mean, meta = load_checkpoint(out / "model.pt")
+    assert card["evaluation"]["training_resumed_from_step"][0] >= 20
+    # Two students, seeds 0 and 1, each trained in its own folder, both in the one model file.
+    members, meta = load_checkpoint_members(out / "model.pt")
+    assert card["members"] == [{"seed": 0, "training": "training"}, {"seed": 1, "training": "training-member2"}]
+    assert len(members) == 2 and (out / "training-member2" / "student-state-60.pt").is_file()
+    first, second = (dict(net.named_parameters()) for net, _ in members)
+    assert not torch.equal(first["head.weight"], second["head.weight"])
     assert meta["arch"] == STUDENT_ARCH and meta["stain_norm"] == "reinhard"
     assert card["sha256"] == pooch.file_hash(str(out / "model.pt"))
     assert card["threshold"] == meta["threshold"] and 0.3 <= meta["threshold"] < 1

@@ -66,6 +66,41 @@ def test_blockwise_student_map_equals_the_whole_map_on_a_real_slide():
     np.testing.assert_allclose(blocks, whole, rtol=0, atol=2e-6)
 
 
+def test_a_checkpoint_of_several_students_loads_as_one_model_averaging_their_maps(tmp_path):
+    from wsi_lymph.models.checkpoints import (
+        ModelError,
+        ensemble_checkpoint,
+        load_checkpoint,
+        load_checkpoint_members,
+        save_checkpoint_atomic,
+    )
+    from wsi_lymph.models.registry import load_model
+
+    students = _random_student(0) + _random_student(1)
+    meta = {"arch": STUDENT_ARCH, "name": "two-students", "threshold": 0.7, "model_mpp": 0.125,
+            "channel_order": "BGR", "input_range": 255.0, "class_index": 1}
+    both = save_checkpoint_atomic(ensemble_checkpoint(students, meta), tmp_path / "two.pt")
+    one = save_checkpoint_atomic(ensemble_checkpoint(students[:1], meta), tmp_path / "one.pt")
+    loaded, loaded_meta = load_checkpoint_members(both)
+    assert len(loaded) == 2 and loaded_meta["format"] == "wsi-lymph-checkpoint/2"
+    assert load_checkpoint(one)[2]["format"] == "wsi-lymph-checkpoint/1"  # one network: the format it always had
+    with pytest.raises(ModelError, match=r"two.pt: holds 2 networks"):
+        load_checkpoint(both)  # callers that expect one network are not handed the first member silently
+
+    model = load_model(str(both))
+    assert len(model.members) == 2 and model.threshold == 0.7
+    info = open_slide(SLIDES / "cmu-1-small-region.svs")
+    reader = slide_window_reader(info, choose_frame(info))
+    box = (2000, 2101, 3001, 3100)
+    averaged, _ = window_probabilities(reader, box, model.members)
+    for (net, _), (saved, _) in zip(model.members, students, strict=True):
+        pairs = zip(net.state_dict().values(), saved.state_dict().values(), strict=True)
+        assert all(torch.equal(a, b) for a, b in pairs)
+    alone = [window_probabilities(reader, box, [member])[0] for member in model.members]
+    assert np.abs(alone[0] - alone[1]).max() > 1e-2  # two different students
+    np.testing.assert_allclose(averaged, (alone[0] + alone[1]) / 2, rtol=0, atol=1e-6)
+
+
 def test_the_student_reads_the_slide_at_20x_without_resampling():
     info = open_slide(SLIDES / "cmu-1-small-region.svs")
     frame = coarser_frame(choose_frame(info), STUDENT_UPSCALE)
@@ -146,16 +181,19 @@ def test_the_shipped_student_matches_its_sha256_and_model_card():
     import pooch
 
     from wsi_lymph.constants import DEFAULT_MODEL
-    from wsi_lymph.models.checkpoints import load_checkpoint
+    from wsi_lymph.models.checkpoints import load_checkpoint_members
     from wsi_lymph.models.registry import SHIPPED_MODELS, SHIPPED_SHA256, resolve_model
 
     [path] = resolve_model(DEFAULT_MODEL, fetch_missing=False)
     assert path == SHIPPED_MODELS[DEFAULT_MODEL] and pooch.file_hash(str(path)) == SHIPPED_SHA256[DEFAULT_MODEL]
     card = json.loads(path.with_name(f"{DEFAULT_MODEL}.card.json").read_text())
-    net, _, meta = load_checkpoint(path)  # weights_only=True inside
+    members, meta = load_checkpoint_members(path)  # weights_only=True inside
     assert card["sha256"] == SHIPPED_SHA256[DEFAULT_MODEL]
     assert meta["arch"] == STUDENT_ARCH == card["arch"] and meta["threshold"] == card["threshold"]
-    assert card["flops_per_20x_px"] == net.flops_per_input_px() <= 0.2e6
+    # Every member runs on every pixel: the model's cost is theirs summed, still within the budget.
+    assert len(members) == len(card.get("members", [None]))
+    assert card["flops_per_20x_px"] == sum(net.flops_per_input_px() for net, _ in members) <= 0.2e6
+    assert 494e6 / card["flops_per_20x_px"] >= 2000
     assert meta["stain_norm"] == "reinhard" and card["teacher"]["name"] == "janowczyk2016"
     assert len(card["teacher"]["member_sha256"]) == 5
     trained = {im["name"] for im in card["images"] if im["role"] == "train"}

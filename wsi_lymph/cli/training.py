@@ -13,7 +13,7 @@ from pathlib import Path
 from wsi_lymph.cli import checks, console
 from wsi_lymph.cli.checks import UsageError, integer, number
 from wsi_lymph.cli.options import add_cluster_options, cluster_kind_of, cluster_kwargs
-from wsi_lymph.training.settings import CVSettings, StudentRecipe
+from wsi_lymph.training.settings import DISTILL_MEMBERS, CVSettings, StudentRecipe
 
 #: Seeds are numpy seeds: non-negative integers.
 SEED = integer(0)
@@ -222,7 +222,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     try:
         with _client(args) as client:
             resources = {"GPU": 1} if has_gpu_workers(client) else None
-            model = run_distill(client, plan, args.crops, args.out, recipe, teacher=args.teacher,
+            model = run_distill(client, plan, args.crops, args.out, recipe, members=args.members, teacher=args.teacher,
                                 teacher_stride_px=args.teacher_stride, model_source=args.model_source,
                                 resources=resources, device=args.device)
     except (DatasetError, ModelError, ValueError, RuntimeError) as error:
@@ -328,6 +328,10 @@ def add_training_commands(commands) -> None:
                          f"own targets; 0 to 7 (default {d.turned_copies})")
     distill.add_argument("--seed", type=SEED, default=d.seed,
                          help=f"crops and augmentation seed, ≥ 0 (default {d.seed})")
+    distill.add_argument("--members", type=integer(1, 8), default=DISTILL_MEMBERS,
+                         help="students to train, the k-th with seed --seed + k, each as its own task; the model "
+                         "averages their maps as the teacher averages its folds, at that many times the cost of one; "
+                         f"1 to 8 (default {DISTILL_MEMBERS})")
     distill.add_argument("--device", default=None, help="torch device of the training task (default: cuda if any)")
     add_cluster_options(distill)
     distill.set_defaults(func=cmd_distill)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from wsi_lymph.models.architectures import EVERY_PIXEL, SUBPIXEL, architecture_of
-from wsi_lymph.models.checkpoints import load_checkpoint
+from wsi_lymph.models.checkpoints import load_checkpoint_members
 from wsi_lymph.models.device import exact_cuda_numerics, reuse_freed_memory, select_device
 from wsi_lymph.models.networks import (
     STUDENT_UPSCALE,
@@ -43,8 +43,8 @@ from wsi_lymph.slides.resample import resize_window, resized_length, symmetric_i
 def _members(checkpoints: tuple[str, ...], device: str):
     """Networks of a model, loaded once per worker process and device."""
     reuse_freed_memory()  # before the first forward pass: the process's batches then reuse one heap
-    loaded = [load_checkpoint(path, device=device) for path in checkpoints]
-    return [(net.to(memory_format=torch.channels_last), mean) for net, mean, _ in loaded]
+    loaded = [load_checkpoint_members(path, device=device)[0] for path in checkpoints]
+    return [(net.to(memory_format=torch.channels_last), mean) for members in loaded for net, mean in members]
 
 
 #: ``read_window(rows, cols, coarsen)`` -> (len(rows), len(cols), 3) float32 BGR 0-255 pixels of the model frame

@@ -1,9 +1,11 @@
 """The checkpoint format: one ``torch.save`` of plain tensors and JSON-like metadata.
 
-A checkpoint is ``{"state_dict", "mean_bgr", "meta"}`` and loads with
-``torch.load(path, weights_only=True)``; ``meta["arch"]`` names its network in
-:data:`wsi_lymph.models.architectures.ARCHITECTURES`.  Written by the Caffe import
-and by training, read by everything that runs a model.
+A checkpoint is ``{"state_dict", "mean_bgr", "meta"}`` (format ``wsi-lymph-checkpoint/1``: one network)
+or ``{"members": [{"state_dict", "mean_bgr"}, ...], "meta"}`` (format ``wsi-lymph-checkpoint/2``: several
+networks of one architecture whose probabilities are averaged, e.g. a student trained with several seeds).
+It loads with ``torch.load(path, weights_only=True)``; ``meta["arch"]`` names its networks in
+:data:`wsi_lymph.models.architectures.ARCHITECTURES`.  Written by the Caffe import and by training, read by
+everything that runs a model.  Readers older than format 2 refuse such a file rather than run one member.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from wsi_lymph.models.networks import channel_mean
 warnings.filterwarnings("ignore", message=r"Detected pickle protocol \d+ in the checkpoint", category=UserWarning)
 
 CHECKPOINT_FORMAT = "wsi-lymph-checkpoint/1"
+#: Format of a checkpoint holding several networks (``members``) under one ``meta``.
+ENSEMBLE_CHECKPOINT_FORMAT = "wsi-lymph-checkpoint/2"
 #: Shape of a checkpoint's mean image (B, G, R planes of one 32x32 patch, 0-255 scale).
 MEAN_SHAPE = (3, 32, 32)
 
@@ -53,10 +57,20 @@ def save_checkpoint_atomic(checkpoint: dict[str, Any], out_path: str | os.PathLi
     return out_path
 
 
+def ensemble_checkpoint(members: list[tuple[nn.Module, torch.Tensor]], meta: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint dict of ``members`` (network, mean image) under one ``meta``: format 1 for one network,
+    format 2 for several (``meta["format"]`` is set accordingly)."""
+    records = [{"state_dict": {k: v.contiguous() for k, v in net.state_dict().items()}, "mean_bgr": mean}
+               for net, mean in members]
+    if len(records) == 1:
+        return {**records[0], "meta": {**meta, "format": CHECKPOINT_FORMAT}}
+    return {"members": records, "meta": {**meta, "format": ENSEMBLE_CHECKPOINT_FORMAT}}
+
+
 def load_checkpoint(
     path: str | os.PathLike[str], device: str = "cpu"
 ) -> tuple[nn.Module, torch.Tensor, dict]:
-    """Load one checkpoint written by :func:`wsi_lymph.models.caffe.import_caffe` (or training).
+    """Load a checkpoint of one network, written by :func:`wsi_lymph.models.caffe.import_caffe` (or training).
 
     Parameters
     ----------
@@ -75,7 +89,37 @@ def load_checkpoint(
     Raises
     ------
     ModelError
-        The file is missing, unreadable, or not a checkpoint of this network.
+        The file is missing, unreadable, not a checkpoint of this network, or holds several networks
+        (:func:`load_checkpoint_members` loads those).
+    """
+    members, meta = load_checkpoint_members(path, device)
+    if len(members) != 1:
+        raise ModelError(f"{path}: holds {len(members)} networks (an ensemble); load it as a model (--model)")
+    return (*members[0], meta)
+
+
+def load_checkpoint_members(
+    path: str | os.PathLike[str], device: str = "cpu"
+) -> tuple[list[tuple[nn.Module, torch.Tensor]], dict]:
+    """Load every network of a checkpoint (one, or the members of a format-2 file) and its metadata.
+
+    Parameters
+    ----------
+    path : path-like
+        Checkpoint file.
+    device : str
+        Torch device for the networks.
+
+    Returns
+    -------
+    (list of (torch.nn.Module, torch.Tensor), dict)
+        Per network: the network in eval mode on ``device`` and its (3, 32, 32) float32 BGR 0-255 mean
+        image on the CPU; then the metadata shared by all.
+
+    Raises
+    ------
+    ModelError
+        The file is missing, unreadable, or not a checkpoint of these networks.
     """
     path = Path(path)
     try:
@@ -90,30 +134,45 @@ def load_checkpoint(
         raise ModelError(
             f"{path}: not a wsi-lymph/torch checkpoint or corrupt (torch.load: {type(exc).__name__})"
         ) from exc
-    if not isinstance(ckpt, dict) or not {"state_dict", "mean_bgr", "meta"} <= set(ckpt):
+    single = isinstance(ckpt, dict) and {"state_dict", "mean_bgr", "meta"} <= set(ckpt)
+    several = isinstance(ckpt, dict) and {"members", "meta"} <= set(ckpt)
+    if not (single or several):
         raise ModelError(f"{path}: not a wsi-lymph checkpoint (expected keys state_dict, mean_bgr, meta)")
     meta = ckpt["meta"]
-    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+    expected = CHECKPOINT_FORMAT if single else ENSEMBLE_CHECKPOINT_FORMAT
+    if not isinstance(meta, dict) or meta.get("format") != expected:
         found = meta.get("format") if isinstance(meta, dict) else None
-        raise ModelError(f"{path}: checkpoint format is {found!r}, expected {CHECKPOINT_FORMAT!r}")
+        raise ModelError(f"{path}: checkpoint format is {found!r}, expected {expected!r}")
     arch = meta.get("arch")
     if not isinstance(arch, str) or arch not in ARCHITECTURES:
         known = " or ".join(repr(a) for a in ARCHITECTURES)
         raise ModelError(f"{path}: network architecture is {arch!r}, expected {known}")
+    records = [ckpt] if single else ckpt["members"]
+    if not isinstance(records, list) or not records or not all(
+            isinstance(r, dict) and {"state_dict", "mean_bgr"} <= set(r) for r in records):
+        raise ModelError(f"{path}: members must be a non-empty list of (state_dict, mean_bgr) records")
+    members = [_build(path, arch, record, device, index if several else None) for index, record in
+               enumerate(records, start=1)]
+    return members, meta
+
+
+def _build(path: Path, arch: str, record: dict, device: str, member: int | None) -> tuple[nn.Module, torch.Tensor]:
+    """One network of a checkpoint, its weights and mean image checked."""
+    where = f"{path}" if member is None else f"{path} (member {member})"
     entry = ARCHITECTURES[arch]
-    mean = ckpt["mean_bgr"]
+    mean = record["mean_bgr"]
     if not isinstance(mean, torch.Tensor) or tuple(mean.shape) != MEAN_SHAPE:
         shape = tuple(mean.shape) if isinstance(mean, torch.Tensor) else type(mean).__name__
-        raise ModelError(f"{path}: mean image has shape {shape}, expected {MEAN_SHAPE}")
+        raise ModelError(f"{where}: mean image has shape {shape}, expected {MEAN_SHAPE}")
     net = entry.build()
     if entry.per_channel_mean:
         try:
             channel_mean(mean)
         except ValueError as exc:
-            raise ModelError(f"{path}: {exc}") from exc
+            raise ModelError(f"{where}: {exc}") from exc
     try:
-        net.load_state_dict(ckpt["state_dict"])
+        net.load_state_dict(record["state_dict"])
     except (RuntimeError, TypeError, AttributeError) as exc:
-        raise ModelError(f"{path}: weights do not fit the {arch} network: {exc}") from exc
+        raise ModelError(f"{where}: weights do not fit the {arch} network: {exc}") from exc
     net.to(device).eval()
-    return net, mean.to(device="cpu", dtype=torch.float32), meta
+    return net, mean.to(device="cpu", dtype=torch.float32)

@@ -35,7 +35,7 @@ from torch import nn
 from wsi_lymph.cache import cache_dir, fetch_verified, source_url
 from wsi_lymph.constants import DEFAULT_MODEL
 from wsi_lymph.models.caffe import import_caffe
-from wsi_lymph.models.checkpoints import ModelError, load_checkpoint
+from wsi_lymph.models.checkpoints import ModelError, load_checkpoint_members
 
 JANOWCZYK2016 = "janowczyk2016"
 FOLDS = (1, 2, 3, 4, 5)
@@ -285,7 +285,7 @@ def model_inventory() -> list[ModelEntry]:
             paths = resolve_model(name, fetch_missing=False)
             for path in paths:  # every member is loaded, so a damaged file is reported here too
                 if path not in meta_of_file:
-                    meta_of_file[path] = load_checkpoint(path)[2]
+                    meta_of_file[path] = load_checkpoint_members(path)[1]
             meta = meta_of_file[paths[0]]
         entries.append(ModelEntry(name=name, summary=summary, default=name == DEFAULT_MODEL, where=where,
                                   threshold=meta.get("threshold"),
@@ -314,7 +314,7 @@ class LoadedModel:
     name : str
         Model name (or checkpoint path) it was loaded from.
     members : list of (torch.nn.Module, torch.Tensor)
-        Per ensemble member: the network in eval mode on the requested device
+        Per ensemble member (one per file, or several in one file): the network in eval mode on the requested device
         and its (3, 32, 32) float32 BGR 0-255 mean image on the CPU (constant
         per channel for a DensePatchNet).  Members share one architecture.
     meta : dict
@@ -363,9 +363,10 @@ def load_model(
         must be fed (architecture, channel order, value range, um/px, class).
     """
     paths = resolve_model(name_or_path, fetch_missing=fetch_missing, source=source)
-    loaded = [load_checkpoint(p, device) for p in paths]
-    first = loaded[0][2]
-    for p, (_, _, meta) in zip(paths[1:], loaded[1:], strict=True):
+    # One file per member (the paper's folds), or several members in one file (a student of several seeds).
+    loaded = [load_checkpoint_members(p, device) for p in paths]
+    first = loaded[0][1]
+    for p, (_, meta) in zip(paths[1:], loaded[1:], strict=True):
         for key in _ENSEMBLE_INVARIANTS:
             if meta.get(key) != first.get(key):
                 raise ModelError(
@@ -375,13 +376,13 @@ def load_model(
     hashes = [pooch.file_hash(str(p)) for p in paths]
     name = name_or_path if _folds_of(name_or_path) is not None else str(first.get("name") or Path(name_or_path).stem)
     meta = dict(first)
-    meta["member_names"] = [m.get("name") for _, _, m in loaded]
+    meta["member_names"] = [m.get("name") for _, m in loaded]
     if len(loaded) > 1:
         meta["name"] = name
         meta["fold"] = None  # an ensemble is not a single fold's model
     meta["member_sha256"] = hashes
     meta["model_id"] = f"{name}@{hashlib.sha256(''.join(hashes).encode()).hexdigest()[:12]}"
-    return LoadedModel(name=name, members=[(net, mean) for net, mean, _ in loaded], meta=meta)
+    return LoadedModel(name=name, members=[member for members, _ in loaded for member in members], meta=meta)
 
 
 @functools.lru_cache(maxsize=8)

@@ -68,7 +68,7 @@ from wsi_lymph.engine.params import ProbmapParams
 from wsi_lymph.io.outputs import write_atomic
 from wsi_lymph.io.probmap_store import open_probmap
 from wsi_lymph.models.architectures import STUDENT_ARCH
-from wsi_lymph.models.checkpoints import CHECKPOINT_FORMAT, MEAN_SHAPE, save_checkpoint_atomic
+from wsi_lymph.models.checkpoints import MEAN_SHAPE, ensemble_checkpoint, save_checkpoint_atomic
 from wsi_lymph.models.device import select_device
 from wsi_lymph.models.networks import STUDENT_UPSCALE, SubpixelStudentNet
 from wsi_lymph.models.registry import load_model
@@ -624,6 +624,7 @@ def run_distill(
     out_dir: str | os.PathLike,
     recipe: StudentRecipe | None = None,
     *,
+    members: int = 1,
     teacher: str = "janowczyk2016",
     teacher_stride_px: int = 4,
     heldout_stride_px: int = HELDOUT_STRIDE_PX,
@@ -646,6 +647,10 @@ def run_distill(
     out_dir : path-like
         Work and output folder; a rerun reuses every finished step.
     recipe : StudentRecipe
+    members : int
+        Students trained with the recipe, member ``k`` (from 0) with seed ``recipe.seed + k``, each as
+        its own task; the model averages their maps as the teacher averages its folds (cost: ``members``
+        times one network's).
     teacher : str
         The teacher model (default the paper's 5-fold ensemble).
     teacher_stride_px, heldout_stride_px : int
@@ -677,22 +682,37 @@ def run_distill(
                   model_source)
     specs = [(im.name, str(prepared[im.name]), str(out / "teacher" / im.name / "prob.zarr")) for im in train]
     specs += [(path.stem, str(path), str(out / "teacher" / path.stem / "prob.zarr")) for path in copies]
-    log(f"training the student ({recipe.iterations} steps) as one task")
-    future = client.submit(_train_task, specs, str(out / "training"), recipe, device, key="distill-train-" +
-                           _token(specs, recipe), resources=resources, retries=2, pure=False)
+    log(f"training the student ({recipe.iterations} steps) as one task" if members == 1 else
+        f"training {members} students (seeds {recipe.seed}-{recipe.seed + members - 1}, {recipe.iterations} steps "
+        "each), one task each")
+    futures = [client.submit(_train_task, specs, str(training_dir(out, k)), member_recipe(recipe, k), device,
+                             key="distill-train-" + _token(specs, member_recipe(recipe, k)), resources=resources,
+                             retries=2, pure=False) for k in range(members)]
     # The held-out images' teacher maps are only needed to evaluate: they run beside the training task.
     log(f"teacher maps (stride {heldout_stride_px}) of {len(heldout)} held-out images")
     _teacher_maps(client, [prepared[im.name] for im in heldout], out / f"teacher-stride{heldout_stride_px}", teacher,
                   heldout_stride_px, model_source)
-    state_dict, mean_image, started_at = future.result()
-    net = SubpixelStudentNet()
-    net.load_state_dict(state_dict)
-    members = [(net.eval(), mean_image)]
-    evaluation = _evaluate(members, crops, reference, heldout, prepared, out / f"teacher-stride{heldout_stride_px}",
+    trained, started_at = [], []
+    for state_dict, mean_image, started in client.gather(futures):
+        net = SubpixelStudentNet()
+        net.load_state_dict(state_dict)
+        trained.append((net.eval(), mean_image))
+        started_at.append(started)
+    evaluation = _evaluate(trained, crops, reference, heldout, prepared, out / f"teacher-stride{heldout_stride_px}",
                            teacher_model.threshold, log)
-    evaluation["training_resumed_from_step"] = started_at
-    return _write_model(out, net, mean_image, reference, evaluation, recipe, plan, prepared, teacher_model.meta,
+    evaluation["training_resumed_from_step"] = started_at[0] if members == 1 else started_at
+    return _write_model(out, trained, reference, evaluation, recipe, plan, prepared, teacher_model.meta,
                         teacher_stride_px, heldout_stride_px, copies)
+
+
+def member_recipe(recipe: StudentRecipe, member: int) -> StudentRecipe:
+    """The recipe of student ``member`` (from 0) of an ensemble: the same, with seed ``recipe.seed + member``."""
+    return replace(recipe, seed=recipe.seed + member)
+
+
+def training_dir(out: Path, member: int) -> Path:
+    """Where student ``member`` (from 0) keeps its training states (the first where a single student does)."""
+    return out / "training" if member == 0 else out / f"training-member{member + 1}"
 
 
 #: File in a distill OUT folder recording the settings its images, copies and teacher maps were made with.
@@ -809,23 +829,27 @@ def _evaluate(members: list, crops: list[AnnotatedImage], reference: LabStatisti
             "stain_shift_f": shifts, "threshold": threshold}
 
 
-def _write_model(out: Path, net: SubpixelStudentNet, mean_image: torch.Tensor, reference: LabStatistics,
+def _write_model(out: Path, trained: list[tuple[SubpixelStudentNet, torch.Tensor]], reference: LabStatistics,
                  evaluation: dict, recipe: StudentRecipe, plan: list[PlanImage], prepared: dict[str, Path],
                  teacher_meta: dict, teacher_stride_px: int, heldout_stride_px: int, copies: list[Path]) -> Path:
-    """``model.pt`` (the checkpoint format, with threshold and stain reference) and ``model-card.json``."""
+    """``model.pt`` (the checkpoint format, with threshold and stain reference; several students in one file
+    when there are several) and ``model-card.json``."""
     meta = {
-        "format": CHECKPOINT_FORMAT, "arch": STUDENT_ARCH, "name": STUDENT_NAME, "fold": None,
+        "arch": STUDENT_ARCH, "name": STUDENT_NAME, "fold": None,
         "channel_order": "BGR", "input_range": 255.0, "model_mpp": MODEL_FRAME_MPP, "source_scan_mpp": SOURCE_SCAN_MPP,
         "frame_scale": FRAME_SCALE, "input_mpp": SOURCE_SCAN_MPP, "threshold": float(evaluation["threshold"]),
         "class_index": 1, "stain_norm": "reinhard", "stain_reference": reference.as_dict(),
         "created_by": f"wsi-lymph {__version__} distill",
     }
     model_path = out / "model.pt"
-    save_checkpoint_atomic({"state_dict": {k: v.contiguous() for k, v in net.state_dict().items()},
-                            "mean_bgr": mean_image, "meta": meta}, model_path)
+    save_checkpoint_atomic(ensemble_checkpoint(trained, meta), model_path)
     card = {
         "model": STUDENT_NAME, "arch": STUDENT_ARCH, "sha256": pooch.file_hash(str(model_path)),
-        "flops_per_20x_px": net.flops_per_input_px(), "parameters": sum(p.numel() for p in net.parameters()),
+        # Every member runs on every pixel: the model's cost is the sum of theirs.
+        "flops_per_20x_px": sum(net.flops_per_input_px() for net, _ in trained),
+        "parameters": sum(p.numel() for net, _ in trained for p in net.parameters()),
+        "members": [{"seed": member_recipe(recipe, k).seed, "training": training_dir(out, k).name}
+                    for k in range(len(trained))],
         "threshold": meta["threshold"], "threshold_chosen_on": "the three annotated crops (F-optimal)",
         "stain_norm": {"method": "reinhard", "reference": reference.as_dict(),
                        "reference_from": "tissue of the three annotated crops (the paper's domain)"},

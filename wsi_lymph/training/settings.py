@@ -122,6 +122,10 @@ class StudentRecipe:
     checkpoint_every: int = 500
 
 
+#: Students ``wsi-lymph distill`` trains by default (seeds ``seed``, ``seed + 1``, ...), their maps averaged: the
+#: shipped student's number.
+DISTILL_MEMBERS = 1
+
 #: Recipe fields added after student checkpoints were first written, with the value the older checkpoints were
 #: trained with: a checkpoint that lacks a field resumes only a recipe with that value (not today's default).
 RECIPE_FIELDS_ADDED = {"scale_jitter": 0.0, "stain_copies": 0, "flip_rotate": True, "turned_copies": 0}
