@@ -43,7 +43,7 @@ FOLDS = (1, 2, 3, 4, 5)
 MODEL_NAMES = (DEFAULT_MODEL, JANOWCZYK2016, *(f"{JANOWCZYK2016}/fold{k}" for k in FOLDS))
 #: The shipped student's weights and their sha256 (checked at every load: a damaged install is refused).
 SHIPPED_MODELS = {DEFAULT_MODEL: Path(__file__).parent / "weights" / f"{DEFAULT_MODEL}.pt"}
-SHIPPED_SHA256 = {DEFAULT_MODEL: "43fa24b071b6660e5f8d3bb26bc054233eabb7f7967b84085daeeb6d08fa2025"}
+SHIPPED_SHA256 = {DEFAULT_MODEL: "884856af1f8f9c4598c52c3c73783bf9e28246928ff8f2ab50df7a25e8359785"}
 
 DEFAULT_SOURCE = (
     "https://raw.githubusercontent.com/choosehappy/public/master/DL%20tutorial%20Code/4-lymphocyte/models"

@@ -11,13 +11,13 @@ The recipe, each step resumable (a finished step's files are reused):
    ``turned_copies`` turned or flipped ones (``OUT/images/<name>-turn<k>.tif``, :func:`turned_copy`);
 2. **teacher**: the teacher's maps of those files, computed by the engine itself
    (``OUT/teacher/<name>/prob.zarr``: the ensemble, stride 4 with its cubic filling);
-3. **train**: the student learns the teacher's map from the same normalised
-   pixels, read through the same code the engine runs (:func:`student_inputs`), with
-   flips and 90° rotations of the crops (unless the recipe turns them off) and scale
-   jitter; checkpoints let a stopped run resume;
-4. **evaluate**: threshold chosen leave-one-crop-out on the annotated crops,
-   concordance with the teacher on held-out images, then ``model.pt`` and
-   ``model-card.json``.
+3. **train**: each student (``members`` of them, one task each, seeds ``seed``, ``seed + 1``, ...)
+   learns the teacher's map from the same normalised pixels, read through the same code the
+   engine runs (:func:`student_inputs`), with scale jitter (and flips and 90° rotations of the
+   crops where the recipe asks for them); checkpoints let a stopped run resume;
+4. **evaluate**: the students' averaged map: threshold chosen leave-one-crop-out on the
+   annotated crops, concordance with the teacher on held-out images, then ``model.pt`` (every
+   student in one file) and ``model-card.json``.
 
 Images are split by image: the plan names each ``train`` or ``heldout``, and the
 annotated crops are never trained on.

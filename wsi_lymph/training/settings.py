@@ -124,7 +124,7 @@ class StudentRecipe:
 
 #: Students ``wsi-lymph distill`` trains by default (seeds ``seed``, ``seed + 1``, ...), their maps averaged: the
 #: shipped student's number.
-DISTILL_MEMBERS = 1
+DISTILL_MEMBERS = 2
 
 #: Recipe fields added after student checkpoints were first written, with the value the older checkpoints were
 #: trained with: a checkpoint that lacks a field resumes only a recipe with that value (not today's default).
