@@ -153,10 +153,10 @@ def test_batch_json_on_a_full_disk_is_one_line_and_the_earlier_one_stays(tmp_pat
         before = _files(out)
         assert json.loads((out / "batch.json").read_text())["done"] == 1
         # Fill the disk to the last byte: the slide is already done (nothing to write), batch.json is.
-        with open(out / "filler", "wb") as filler, contextlib.suppress(OSError):
+        # Unbuffered: a buffered file would still hold the bytes that did not fit, and its close would raise.
+        with open(out / "filler", "wb", buffering=0) as filler, contextlib.suppress(OSError):
             while True:
                 filler.write(b"\0" * 65536)
-                filler.flush()
         again = _Run(*args, "--out", str(out))
         code = again.wait()
         after = _files(out)
