@@ -503,3 +503,27 @@ def test_without_a_terminal_progress_is_plain_lines_counting_failed_slides():
     assert lines[-1] == "progress: 2 of 3 slides finished (1 failed); good infer 1/4 blocks"
     bars.finish()
     assert not any("\x1b[" in line or "\r" in line for line in lines)
+
+
+def test_a_heartbeat_cut_by_the_schedulers_shutdown_shows_no_traceback():
+    import logging
+
+    from wsi_lymph.cli.workers import HeartbeatAtShutdown
+
+    def record() -> logging.LogRecord:
+        try:
+            raise OSError("Stream is closed")
+        except OSError:
+            import sys
+
+            exc_info = sys.exc_info()
+        return logging.LogRecord("distributed.worker", logging.ERROR, __file__, 1, HeartbeatAtShutdown.MESSAGE, None,
+                                 exc_info)
+
+    assert not HeartbeatAtShutdown(drop=True).filter(record())  # a local worker: the driver speaks for it
+    kept = record()
+    assert HeartbeatAtShutdown(drop=False).filter(kept)  # a batch job's worker: one line in its job log
+    assert kept.levelno == logging.WARNING and kept.exc_info is None
+    assert "Traceback" not in logging.Formatter().format(kept)
+    other = logging.LogRecord("distributed.worker", logging.ERROR, __file__, 1, "something else", None, None)
+    assert HeartbeatAtShutdown(drop=True).filter(other) and other.levelno == logging.ERROR

@@ -43,3 +43,31 @@ class QuietLibraries(WorkerPlugin):
             import dask_jobqueue.runner  # noqa: F401
         if self.ignore_interrupts and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+        worker_log = logging.getLogger("distributed.worker")
+        if not any(isinstance(f, HeartbeatAtShutdown) for f in worker_log.filters):
+            worker_log.addFilter(HeartbeatAtShutdown(drop=self.ignore_interrupts))
+
+
+class HeartbeatAtShutdown(logging.Filter):
+    """distributed's worker logs a heartbeat its scheduler did not answer as an error with a traceback.
+
+    At the end of a run the scheduler may close the connection while a heartbeat is on it (seen under load in
+    CI), and the user would get a traceback after the last line of the run.  A worker of a local cluster shares
+    the driver's terminal, and the driver reports a scheduler that really went away in its own words, so the record
+    is dropped there; a batch-job worker keeps it in its job log as one warning line without the traceback.
+    """
+
+    MESSAGE = "Failed to communicate with scheduler during heartbeat."
+
+    def __init__(self, *, drop: bool) -> None:
+        super().__init__()
+        self.drop = drop
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage() != self.MESSAGE:
+            return True
+        if self.drop:
+            return False
+        record.exc_info, record.exc_text = None, None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
