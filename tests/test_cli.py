@@ -36,6 +36,8 @@ def test_models_fetch_and_import_caffe(tmp_path):
 
     before = listed()  # an empty cache: only the shipped student works offline, and listing fetched nothing
     assert len(before) == 7 and "shipped" in before["wsi-lymph-student"] and "(default)" in before["wsi-lymph-student"]
+    # The shipped model is several students whose maps are averaged; the listing says how many it loaded.
+    assert "2 networks averaged" in before["wsi-lymph-student"]
     assert all("not fetched" in before[name] for name in before if name.startswith("janowczyk2016"))
     assert not (tmp_path / "cache/models/janowczyk2016").exists()
     run = _cli("models", "fetch", "janowczyk2016", "--source", MODEL_MIRROR.as_uri(), env=env)
