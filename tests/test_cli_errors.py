@@ -527,3 +527,30 @@ def test_a_heartbeat_cut_by_the_schedulers_shutdown_shows_no_traceback():
     assert "Traceback" not in logging.Formatter().format(kept)
     other = logging.LogRecord("distributed.worker", logging.ERROR, __file__, 1, "something else", None, None)
     assert HeartbeatAtShutdown(drop=True).filter(other) and other.levelno == logging.ERROR
+
+
+def test_ctrl_c_on_a_local_worker_silences_its_output_without_stopping_it():
+    # A local cluster's worker shares the terminal: after Ctrl-C its running task goes on until the driver stops the
+    # cluster, and what the task prints must not follow the driver's "interrupted" line.
+    script = ("import os, signal\n"
+              "from wsi_lymph.cli.workers import QuietLibraries\n"
+              "QuietLibraries([], ignore_interrupts=True).setup(None)\n"
+              "print('before', flush=True)\n"
+              "os.kill(os.getpid(), signal.SIGINT)\n"
+              "print('after', flush=True)\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr  # not interrupted: the driver stops it in order
+    assert run.stdout == "before\n", run.stdout
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_semaphores_left_by_an_interrupted_run_are_cleaned_up_without_a_warning(quiet):
+    # A process that exits without releasing a multiprocessing semaphore, as an interrupted cluster's can: the
+    # resource tracker (a separate process, holding stderr until it ends) unlinks it and, unless told, warns.
+    quieted = "from wsi_lymph.cli.console import quiet_resource_tracker\nquiet_resource_tracker()\n"
+    script = ("import multiprocessing, os\n" + (quieted if quiet else "")
+              + "semaphore = multiprocessing.get_context('spawn').Semaphore()\n"
+              "os._exit(0)\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0
+    assert ("leaked semaphore" in run.stderr) is not quiet, run.stderr  # the warning is there to be silenced

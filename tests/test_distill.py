@@ -64,6 +64,31 @@ def _distill(plan: Path, out: Path, env: dict) -> subprocess.Popen:
 
 @pytest.mark.shared_data
 @pytest.mark.slow
+def test_ctrl_c_while_students_train_ends_on_the_interrupt_line(tmp_path, model_cache):
+    # Ctrl-C reaches the whole process group.  The workers run their training task on until the driver stops the
+    # cluster; nothing they print, nor multiprocessing's leaked-semaphore warning, may follow the driver's line.
+    command = [sys.executable, "-m", "wsi_lymph.cli", "distill", str(_plan(tmp_path)), "--crops", str(CROPS),
+               "--out", str(tmp_path / "distill"), "--teacher", "janowczyk2016/fold1", "--teacher-stride", "8",
+               "--iterations", "5000", "--batch-size", "4", "--stain-copies", "0", "--workers", "2",
+               "--dashboard", ":0"]
+    run = subprocess.Popen(command, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, start_new_session=True)
+    lines = []
+    for line in run.stdout:  # until both students have printed a training step
+        lines.append(line)
+        if sum(line.startswith("step ") for line in lines) >= 2:
+            break
+    assert run.poll() is None, "".join(lines)
+    os.killpg(run.pid, signal.SIGINT)
+    rest, _ = run.communicate(timeout=120)
+    assert run.returncode == 130, "".join(lines) + rest
+    assert rest.strip().splitlines()[-1] == "wsi-lymph distill: interrupted; run the same command again to resume"
+    after = rest.split("wsi-lymph distill: interrupted")[1]
+    assert "step " not in after and "leaked" not in rest and "Traceback" not in rest, rest
+
+
+@pytest.mark.shared_data
+@pytest.mark.slow
 def test_distill_runs_end_to_end_and_resumes_after_a_kill(tmp_path, model_cache):
     env = os.environ.copy()
     out = tmp_path / "distill"

@@ -377,6 +377,7 @@ def cluster(command: str, *, log_dir: str | os.PathLike | None = None, resumable
     from wsi_lymph.engine.cluster import dask_client
 
     interrupt_handler()
+    quiet_resource_tracker()
     with dask_client(**options) as client:
         if log_dir is not None:
             log_to(log_dir)
@@ -386,6 +387,23 @@ def cluster(command: str, *, log_dir: str | os.PathLike | None = None, resumable
         except KeyboardInterrupt:
             tell_interrupted(command, resumable=resumable)
             raise
+
+
+#: A warnings filter (``-W`` syntax) for multiprocessing's resource tracker (a separate process).
+RESOURCE_TRACKER_FILTER = "ignore:resource_tracker:UserWarning"
+
+
+def quiet_resource_tracker() -> None:
+    """No "There appear to be N leaked semaphore objects" warning after a Ctrl-C.
+
+    The nannies' worker processes hold multiprocessing semaphores; when the run is interrupted under a running
+    task they are not released in order, and multiprocessing's resource tracker, started later as a child of this
+    process, unlinks them at exit and warns about each kind on the console.  Nothing leaks: the tracker cleans
+    them up.  It takes its warning filters from ``sys.warnoptions`` of the process that starts it, so the filter
+    goes there, before the cluster (and the tracker) start.
+    """
+    if RESOURCE_TRACKER_FILTER not in sys.warnoptions:
+        sys.warnoptions.append(RESOURCE_TRACKER_FILTER)
 
 
 # ------------------------------------------------------------------------------------------ the workers

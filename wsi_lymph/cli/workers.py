@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import signal
 import threading
@@ -18,14 +19,15 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 class QuietLibraries(WorkerPlugin):
     """On each worker: warnings whose message matches ``noise`` ignored, tifffile's warnings off, and (workers of a
-    local cluster, which share the driver's terminal) Ctrl-C ignored, so that the driver stops them in order.
+    local cluster, which share the driver's terminal) Ctrl-C does not stop them, so that the driver stops them in
+    order; it only silences their standard output.
 
     Parameters
     ----------
     noise : iterable of re.Pattern
         Messages of harmless warnings (:data:`wsi_lymph.cli.console.NOISE`).
     ignore_interrupts : bool
-        Ignore SIGINT in the worker process.
+        SIGINT does not interrupt the worker process; it sends the process's standard output to /dev/null.
     """
 
     name = "wsi-lymph-quiet-libraries"
@@ -42,10 +44,18 @@ class QuietLibraries(WorkerPlugin):
         with contextlib.suppress(ImportError):  # its import-time SIGINT handler must not come after ours
             import dask_jobqueue.runner  # noqa: F401
         if self.ignore_interrupts and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, _silence_stdout)
         worker_log = logging.getLogger("distributed.worker")
         if not any(isinstance(f, HeartbeatAtShutdown) for f in worker_log.filters):
             worker_log.addFilter(HeartbeatAtShutdown(drop=self.ignore_interrupts))
+
+
+def _silence_stdout(signum, frame) -> None:
+    """SIGINT in a local cluster's worker: the task runs on until the driver stops the cluster, but what it prints
+    (a student's training steps) would follow the driver's "interrupted" line on the shared terminal."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
 
 
 class HeartbeatAtShutdown(logging.Filter):
