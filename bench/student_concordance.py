@@ -4,17 +4,24 @@ Reads a ``wsi-lymph distill`` work folder: the prepared held-out images (``image
 maps of them (``teacher-stride2/``).  Prints pooled F (matched within 3 µm) of the student's centres against the
 teacher's (threshold 0.7706) for each student threshold, and, when ``--teacher-stride4`` names a folder of the
 teacher's stride-4 maps of the same images (``wsi-lymph probmap IMAGES --model janowczyk2016 --stride 4 --dtype
-float32 --out DIR``), the teacher's stride-4 centres against its stride-2 centres.
+float32 --out DIR``), the teacher's stride-4 centres against its stride-2 centres.  ``--errors T`` lists the
+student's unmatched centres at threshold ``T`` and the teacher's, and counts those with an unmatched centre of the
+other side nearby: one object whose peak the two maps place more than 3 µm apart, rather than one missed.
 
 Usage::
 
     .venv/bin/python bench/student_concordance.py --work distill/ [--model NAME_OR_CHECKPOINT] [--teacher-stride4 DIR]
+        [--errors THRESHOLD]
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+from scipy.spatial.distance import cdist
 
 from wsi_lymph.constants import CLEAR_RADIUS_PX, DEFAULT_MODEL, DEFAULT_TOLERANCE_UM, PAPER_THRESHOLD, SMOOTH_RADIUS_PX
 from wsi_lymph.detection.evaluate import DetectionScore, match_points, pooled
@@ -38,18 +45,21 @@ def main() -> None:
     parser.add_argument("--teacher-stride4", type=Path, default=None)
     parser.add_argument("--images", nargs="+", default=["tia", "stardist", "hl-lung"])
     parser.add_argument("--model", default=DEFAULT_MODEL, help="the student (default: the default model)")
+    parser.add_argument("--errors", type=float, default=None, metavar="THRESHOLD",
+                        help="also list the unmatched centres at this student threshold")
     args = parser.parse_args()
     members = load_model(args.model).members
-    found = {}
+    found, smoothed_teacher = {}, {}
     for name in args.images:
         image = args.work / "images" / f"{name}.tif"
         teacher = _map(args.work / "teacher-stride2" / name / "prob.zarr")
         student = image_map(members, image)
         rows, cols = min(student.shape[0], teacher.shape[0]), min(student.shape[1], teacher.shape[1])
         mpp = choose_frame(open_slide(image)).mpp
-        teacher_centres = greedy_peaks(smooth_probability(teacher[:rows, :cols], SMOOTH_RADIUS_PX), PAPER_THRESHOLD,
-                                       CLEAR_RADIUS_PX)
+        teacher_smoothed = smooth_probability(teacher[:rows, :cols], SMOOTH_RADIUS_PX)
+        teacher_centres = greedy_peaks(teacher_smoothed, PAPER_THRESHOLD, CLEAR_RADIUS_PX)
         found[name] = (smooth_probability(student[:rows, :cols], SMOOTH_RADIUS_PX), teacher_centres, mpp)
+        smoothed_teacher[name] = teacher_smoothed
     print("student threshold: pooled F (precision, recall) against the teacher's stride-2 centres")
     for threshold in SWEEP:
         scores = [match_points(greedy_peaks(smoothed, threshold, CLEAR_RADIUS_PX)[:, ::-1].astype(float),
@@ -57,18 +67,58 @@ def main() -> None:
                   for smoothed, centres, mpp in found.values()]
         score = pooled(scores)
         print(f"{threshold:.3f}: F {score.f_score:.3f} (P {score.precision:.3f}, R {score.recall:.3f})")
+    if args.errors is not None:
+        _print_errors(found, smoothed_teacher, args.errors)
     if args.teacher_stride4 is not None:
         print("teacher stride 4 against stride 2, both at the paper's threshold")
-        scores = []
+        scores, stride4 = [], {}
         for name in args.images:
             image = args.work / "images" / f"{name}.tif"
-            result = concordance(_map(args.teacher_stride4 / name / "prob.zarr"),
-                                 _map(args.work / "teacher-stride2" / name / "prob.zarr"),
+            coarse = _map(args.teacher_stride4 / name / "prob.zarr")
+            result = concordance(coarse, _map(args.work / "teacher-stride2" / name / "prob.zarr"),
                                  choose_frame(open_slide(image)).mpp, PAPER_THRESHOLD, PAPER_THRESHOLD)
             scores.append(DetectionScore.from_dict(result))
             print(f"{name}: {result['student_centres']} vs {result['teacher_centres']} centres, "
                   f"F {result['f_score']:.3f}, map correlation {result['map_correlation']:.4f}")
+            rows, cols = smoothed_teacher[name].shape
+            stride4[name] = (smooth_probability(coarse[:rows, :cols], SMOOTH_RADIUS_PX), *found[name][1:])
         print(f"pooled F {pooled(scores).f_score:.3f}")
+        if args.errors is not None:
+            print("the same for the teacher's stride-4 map in the student's place:")
+            _print_errors(stride4, smoothed_teacher, PAPER_THRESHOLD)
+
+
+def _unmatched(student: np.ndarray, teacher: np.ndarray, tolerance: float) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the student's and of the teacher's centres left out of :func:`match_points`'s matching."""
+    distance = cdist(student, teacher)
+    rows, cols = linear_sum_assignment(np.where(distance <= tolerance, distance, 1e9))
+    kept = distance[rows, cols] <= tolerance
+    return (np.setdiff1d(np.arange(len(student)), rows[kept]), np.setdiff1d(np.arange(len(teacher)), cols[kept]))
+
+
+def _print_errors(found: dict, smoothed_teacher: dict, threshold: float) -> None:
+    """Each unmatched centre, both smoothed maps there and the other side's nearest centre; counted by whether the
+    other side's smoothed map passes its own threshold there too (both maps see the object, the greedy picking
+    placed the other side's peak elsewhere) or not (one map misses the object)."""
+    print(f"unmatched centres at student threshold {threshold} (rows, cols in model-frame px; smoothed P of the "
+          f"student and the teacher there; the other side's nearest centre)")
+    both = one = 0
+    for name, (student_smoothed, teacher_centres, mpp) in found.items():
+        student_centres = greedy_peaks(student_smoothed, threshold, CLEAR_RADIUS_PX)
+        tolerance = DEFAULT_TOLERANCE_UM / mpp
+        extra, missed = _unmatched(student_centres.astype(float), teacher_centres.astype(float), tolerance)
+        for kind, own, other, other_map, other_threshold in (
+                ("student only", student_centres[extra], teacher_centres, smoothed_teacher[name], PAPER_THRESHOLD),
+                ("teacher only", teacher_centres[missed], student_centres, student_smoothed, threshold)):
+            for row, col in own:
+                nearest = float(cdist([[row, col]], other).min()) if len(other) else float("inf")
+                seen = other_map[row, col] >= other_threshold
+                both, one = both + seen, one + (not seen)
+                print(f"{name} {kind} at ({row}, {col}): student {student_smoothed[row, col]:.3f}, teacher "
+                      f"{smoothed_teacher[name][row, col]:.3f}; other side's nearest centre {nearest:.1f} px "
+                      f"(tolerance {tolerance:.1f})")
+    print(f"of {both + one} unmatched centres, {both} lie where the other side's smoothed map passes its threshold "
+          f"too, {one} where it does not")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ scores one student:
 * ``--variant shipped``: the shipped student as it is;
 * ``--variant further``: the shipped student trained ``--iterations`` more steps (learning rate ``--lr``, warm-up
   and cosine decay as in distillation), with the recipe's augmentations or others (``--stain-jitter``,
-  ``--scale-jitter``);
+  ``--scale-jitter``), and with the distillation loss alone or plus a loss on the two maps smoothed as the peaks
+  see them (``--smoothed-loss WEIGHT``);
 * ``--variant wider``: a fresh student of ``--width`` channels trained with the shipped recipe (``--iterations``
   steps, other augmentations as for ``further``);
 * ``--variant members``: the checkpoints given with ``--members`` (each holding one network or several), all
@@ -33,9 +34,11 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+from torch.nn import functional as F
 
-from wsi_lymph.constants import DEFAULT_MODEL, DEFAULT_TOLERANCE_UM, PAPER_THRESHOLD
+from wsi_lymph.constants import DEFAULT_MODEL, DEFAULT_TOLERANCE_UM, PAPER_THRESHOLD, SMOOTH_RADIUS_PX
 from wsi_lymph.detection.evaluate import DetectionScore, pooled
+from wsi_lymph.detection.peaks import disk_kernel
 from wsi_lymph.io.probmap_store import open_probmap
 from wsi_lymph.models.checkpoints import load_checkpoint_members
 from wsi_lymph.models.networks import SubpixelStudentNet
@@ -53,6 +56,7 @@ from wsi_lymph.training.distill import (
     load_pair,
     read_plan,
     reference_statistics,
+    teacher_loss,
     train_student,
 )
 from wsi_lymph.training.settings import StudentRecipe
@@ -92,10 +96,26 @@ def _student(args, pairs) -> list[tuple[SubpixelStudentNet, torch.Tensor]]:
     if args.flip_rotate is not None:
         recipe = replace(recipe, flip_rotate=args.flip_rotate)
     started = time.perf_counter()
-    net, mean_image, _ = train_student(pairs, args.out, recipe, net=net, log=lambda m: print(m, flush=True))
+    net, mean_image, _ = train_student(pairs, args.out, recipe, net=net, log=lambda m: print(m, flush=True),
+                                       loss=_smoothed_loss(args.smoothed_loss) if args.smoothed_loss else None)
     print(f"trained in {time.perf_counter() - started:.0f} s; {net.flops_per_input_px() / 1e3:.1f} kFLOP per 20x "
           f"pixel; recipe {json.dumps(asdict(recipe))}")
     return [(net, mean_image)]
+
+
+def _smoothed_loss(weight: float):
+    """The distillation loss plus ``weight`` x the same cross-entropy between the two maps smoothed as the peaks
+    see them (the disk of ``SMOOTH_RADIUS_PX``; "valid", so the crop's border rows drop out): the centres are
+    picked on the smoothed map, not on the map."""
+    kernel = torch.as_tensor(disk_kernel(SMOOTH_RADIUS_PX).copy(), dtype=torch.float32)[None, None]
+
+    def loss(logits: torch.Tensor, target: torch.Tensor, recipe: StudentRecipe) -> torch.Tensor:
+        student = F.conv2d(torch.sigmoid(logits), kernel).clamp(1e-6, 1 - 1e-6)
+        teacher = F.conv2d(target, kernel).clamp(0.0, 1.0)
+        smoothed = F.binary_cross_entropy(student, teacher, weight=1.0 + recipe.peak_weight * teacher)
+        return teacher_loss(logits, target, recipe) + weight * smoothed
+
+    return loss
 
 
 def main() -> None:
@@ -117,6 +137,9 @@ def main() -> None:
     parser.add_argument("--scale-jitter", type=float, default=None, help="default: the recipe's")
     parser.add_argument("--plan", type=Path, default=ROOT / "docs" / "distill-plan.json",
                         help="the plan the work folder was made from (default: the shipped student's)")
+    parser.add_argument("--smoothed-loss", type=float, default=0.0, metavar="WEIGHT",
+                        help="--variant further or wider: add WEIGHT x the loss between the two maps smoothed as "
+                        "the peaks see them (default 0: the distillation loss alone)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     if args.out is None:

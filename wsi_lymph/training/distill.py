@@ -461,11 +461,13 @@ def train_student(
     device: str | None = None,
     log=print,
     net: SubpixelStudentNet | None = None,
+    loss=None,
 ) -> tuple[SubpixelStudentNet, torch.Tensor, int]:
     """Train the student on teacher maps; resumes from the newest ``student-state-*.pt`` in ``out_dir``.
 
     ``net`` is the network to train (default: a fresh width-32 one, initialised from ``recipe.seed``);
-    ``bench/student_fidelity.py`` passes a wider one, or the shipped student to train it further.
+    ``bench/student_fidelity.py`` passes a wider one, or the shipped student to train it further.  ``loss``
+    (default :func:`teacher_loss`) is called as ``loss(logits, target, recipe)``; the bench tries others.
 
     Returns
     -------
@@ -500,18 +502,24 @@ def train_student(
             group["lr"] = _learning_rate(recipe, step)
         x, y = (torch.from_numpy(a).to(device) for a in sample_batch(pairs, recipe, net.halo_px, step))
         logits = net((x - mean_t).contiguous(memory_format=torch.channels_last))
-        loss = F.binary_cross_entropy_with_logits(logits, y, weight=1.0 + recipe.peak_weight * y)
+        value = (loss or teacher_loss)(logits, y, recipe)
         optimiser.zero_grad(set_to_none=True)
-        loss.backward()
+        value.backward()
         optimiser.step()
         done = step + 1
         if done % 100 == 0 or done == recipe.iterations:
-            log(f"step {done}/{recipe.iterations}: loss {loss.item():.4f}")
+            log(f"step {done}/{recipe.iterations}: loss {value.item():.4f}")
         if done % recipe.checkpoint_every == 0 or done == recipe.iterations:
             _save_state(out_dir, net, optimiser, done, recipe)
     net.eval().cpu()
     mean_image = torch.as_tensor(mean, dtype=torch.float32).view(3, 1, 1).expand(MEAN_SHAPE).contiguous()
     return net, mean_image, start
+
+
+def teacher_loss(logits: torch.Tensor, target: torch.Tensor, recipe: StudentRecipe) -> torch.Tensor:
+    """The distillation loss: cross-entropy against the teacher's P as a soft target, per model-frame pixel,
+    weighted ``1 + recipe.peak_weight * P`` (the map's peaks decide the centres)."""
+    return F.binary_cross_entropy_with_logits(logits, target, weight=1.0 + recipe.peak_weight * target)
 
 
 def _save_state(out_dir: Path, net: nn.Module, optimiser, iteration: int, recipe: StudentRecipe) -> None:
