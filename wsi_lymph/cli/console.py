@@ -396,9 +396,9 @@ RESOURCE_TRACKER_FILTER = "ignore:resource_tracker:UserWarning"
 def quiet_resource_tracker() -> None:
     """No "There appear to be N leaked semaphore objects" warning after a Ctrl-C.
 
-    The nannies' worker processes hold multiprocessing semaphores; when the run is interrupted under a running
-    task they are not released in order, and multiprocessing's resource tracker, started later as a child of this
-    process, unlinks them at exit and warns about each kind on the console.  Nothing leaks: the tracker cleans
+    The cluster's processes hold multiprocessing semaphores; when the run is interrupted under a running task they
+    are not all released in order, and multiprocessing's resource tracker, started as a child of this process,
+    unlinks them at exit and warns about them on the console.  Nothing leaks: the tracker cleans
     them up.  It takes its warning filters from ``sys.warnoptions`` of the process that starts it, so the filter
     goes there, before the cluster (and the tracker) start.
     """

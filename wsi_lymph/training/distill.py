@@ -30,6 +30,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -461,7 +462,7 @@ def train_student(
     device: str | None = None,
     log=print,
     net: SubpixelStudentNet | None = None,
-    loss=None,
+    loss: Callable[[torch.Tensor, torch.Tensor, StudentRecipe], torch.Tensor] | None = None,
 ) -> tuple[SubpixelStudentNet, torch.Tensor, int]:
     """Train the student on teacher maps; resumes from the newest ``student-state-*.pt`` in ``out_dir``.
 
