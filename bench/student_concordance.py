@@ -5,8 +5,9 @@ maps of them (``teacher-stride2/``).  Prints pooled F (matched within 3 µm) of 
 teacher's (threshold 0.7706) for each student threshold, and, when ``--teacher-stride4`` names a folder of the
 teacher's stride-4 maps of the same images (``wsi-lymph probmap IMAGES --model janowczyk2016 --stride 4 --dtype
 float32 --out DIR``), the teacher's stride-4 centres against its stride-2 centres.  ``--errors T`` lists the
-student's unmatched centres at threshold ``T`` and the teacher's, and counts those with an unmatched centre of the
-other side nearby: one object whose peak the two maps place more than 3 µm apart, rather than one missed.
+student's unmatched centres at threshold ``T`` and the teacher's, and counts those where the other side's smoothed
+map passes its own threshold too (both maps see the object; the greedy picking placed the peaks differently) and
+those where it does not (one map misses the object).
 
 Usage::
 
@@ -20,11 +21,10 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 
 from wsi_lymph.constants import CLEAR_RADIUS_PX, DEFAULT_MODEL, DEFAULT_TOLERANCE_UM, PAPER_THRESHOLD, SMOOTH_RADIUS_PX
-from wsi_lymph.detection.evaluate import DetectionScore, match_points, pooled
+from wsi_lymph.detection.evaluate import DetectionScore, match_points, matched_pairs, pooled
 from wsi_lymph.detection.peaks import greedy_peaks, smooth_probability
 from wsi_lymph.io.probmap_store import open_probmap
 from wsi_lymph.models.registry import load_model
@@ -49,10 +49,10 @@ def main() -> None:
                         help="also list the unmatched centres at this student threshold")
     args = parser.parse_args()
     members = load_model(args.model).members
-    found, smoothed_teacher = {}, {}
+    found, smoothed_teacher, teachers = {}, {}, {}
     for name in args.images:
         image = args.work / "images" / f"{name}.tif"
-        teacher = _map(args.work / "teacher-stride2" / name / "prob.zarr")
+        teacher = teachers[name] = _map(args.work / "teacher-stride2" / name / "prob.zarr")
         student = image_map(members, image)
         rows, cols = min(student.shape[0], teacher.shape[0]), min(student.shape[1], teacher.shape[1])
         mpp = choose_frame(open_slide(image)).mpp
@@ -73,10 +73,8 @@ def main() -> None:
         print("teacher stride 4 against stride 2, both at the paper's threshold")
         scores, stride4 = [], {}
         for name in args.images:
-            image = args.work / "images" / f"{name}.tif"
             coarse = _map(args.teacher_stride4 / name / "prob.zarr")
-            result = concordance(coarse, _map(args.work / "teacher-stride2" / name / "prob.zarr"),
-                                 choose_frame(open_slide(image)).mpp, PAPER_THRESHOLD, PAPER_THRESHOLD)
+            result = concordance(coarse, teachers[name], found[name][2], PAPER_THRESHOLD, PAPER_THRESHOLD)
             scores.append(DetectionScore.from_dict(result))
             print(f"{name}: {result['student_centres']} vs {result['teacher_centres']} centres, "
                   f"F {result['f_score']:.3f}, map correlation {result['map_correlation']:.4f}")
@@ -86,14 +84,6 @@ def main() -> None:
         if args.errors is not None:
             print("the same for the teacher's stride-4 map in the student's place:")
             _print_errors(stride4, smoothed_teacher, PAPER_THRESHOLD)
-
-
-def _unmatched(student: np.ndarray, teacher: np.ndarray, tolerance: float) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the student's and of the teacher's centres left out of :func:`match_points`'s matching."""
-    distance = cdist(student, teacher)
-    rows, cols = linear_sum_assignment(np.where(distance <= tolerance, distance, 1e9))
-    kept = distance[rows, cols] <= tolerance
-    return (np.setdiff1d(np.arange(len(student)), rows[kept]), np.setdiff1d(np.arange(len(teacher)), cols[kept]))
 
 
 def _print_errors(found: dict, smoothed_teacher: dict, threshold: float) -> None:
@@ -106,7 +96,9 @@ def _print_errors(found: dict, smoothed_teacher: dict, threshold: float) -> None
     for name, (student_smoothed, teacher_centres, mpp) in found.items():
         student_centres = greedy_peaks(student_smoothed, threshold, CLEAR_RADIUS_PX)
         tolerance = DEFAULT_TOLERANCE_UM / mpp
-        extra, missed = _unmatched(student_centres.astype(float), teacher_centres.astype(float), tolerance)
+        pairs = matched_pairs(student_centres, teacher_centres, tolerance)
+        extra = np.setdiff1d(np.arange(len(student_centres)), pairs[0])
+        missed = np.setdiff1d(np.arange(len(teacher_centres)), pairs[1])
         for kind, own, other, other_map, other_threshold in (
                 ("student only", student_centres[extra], teacher_centres, smoothed_teacher[name], PAPER_THRESHOLD),
                 ("teacher only", teacher_centres[missed], student_centres, student_smoothed, threshold)):

@@ -142,6 +142,8 @@ def main() -> None:
                         "the peaks see them (default 0: the distillation loss alone)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if args.smoothed_loss and args.variant not in ("further", "wider"):
+        parser.error("--smoothed-loss trains a student: it goes with --variant further or wider")
     if args.out is None:
         args.out = Path(tempfile.mkdtemp(prefix="student-fidelity-"))
     elif any(args.out.glob("student-state-*.pt")):

@@ -52,7 +52,7 @@ class DetectionScore:
         return cls(*(int(entry[key]) for key in COUNT_KEYS))
 
 
-def match_points(detected: np.ndarray, annotated: np.ndarray, tolerance: float) -> DetectionScore:
+def matched_pairs(detected: np.ndarray, annotated: np.ndarray, tolerance: float) -> tuple[np.ndarray, np.ndarray]:
     """Hungarian one-to-one matching; pairs farther apart than ``tolerance`` do not match.
 
     Parameters
@@ -61,17 +61,30 @@ def match_points(detected: np.ndarray, annotated: np.ndarray, tolerance: float) 
         (n, 2) and (m, 2) coordinates in the same units and order.
     tolerance : float
         Largest matching distance, in the same units.
+
+    Returns
+    -------
+    (np.ndarray, np.ndarray)
+        Indices into ``detected`` and into ``annotated`` of the matched pairs, pair by pair.
     """
     detected = np.asarray(detected, dtype=float).reshape(-1, 2)
     annotated = np.asarray(annotated, dtype=float).reshape(-1, 2)
     if len(detected) == 0 or len(annotated) == 0:
-        return DetectionScore(0, len(detected), len(annotated))
+        return np.zeros(0, dtype=np.intp), np.zeros(0, dtype=np.intp)
     distance = cdist(detected, annotated)
     # Pairs beyond the tolerance get a cost no valid matching would pick.
     cost = np.where(distance <= tolerance, distance, 1e9)
     rows, cols = linear_sum_assignment(cost)
-    matched = int((distance[rows, cols] <= tolerance).sum())
-    return DetectionScore(matched, len(detected) - matched, len(annotated) - matched)
+    kept = distance[rows, cols] <= tolerance
+    return rows[kept], cols[kept]
+
+
+def match_points(detected: np.ndarray, annotated: np.ndarray, tolerance: float) -> DetectionScore:
+    """True and false positives and false negatives of :func:`matched_pairs` (same parameters)."""
+    matched = len(matched_pairs(detected, annotated, tolerance)[0])
+    n_detected = len(np.asarray(detected).reshape(-1, 2))
+    n_annotated = len(np.asarray(annotated).reshape(-1, 2))
+    return DetectionScore(matched, n_detected - matched, n_annotated - matched)
 
 
 def read_points(path: str | os.PathLike) -> np.ndarray:
