@@ -5,18 +5,21 @@ training images and copies in ``teacher/``, its stride-2 maps of the held-out im
 scores one student:
 
 * ``--variant shipped``: the shipped student as it is;
-* ``--variant further``: the shipped student trained ``--iterations`` more steps (learning rate ``--lr``, warm-up
-  and cosine decay as in distillation), with the recipe's augmentations or others (``--stain-jitter``,
-  ``--scale-jitter``), and with the distillation loss alone or plus a loss on the two maps smoothed as the peaks
-  see them (``--smoothed-loss WEIGHT``);
+* ``--variant further``: one of the shipped student's networks (``--member K``) trained ``--iterations`` more
+  steps (learning rate ``--lr``, warm-up and cosine decay as in distillation), with the recipe's augmentations or
+  others (``--stain-jitter``, ``--scale-jitter``), with the distillation loss alone or plus a loss on the two maps
+  smoothed as the peaks see them (``--smoothed-loss WEIGHT``), and with crops drawn uniformly or, for a fraction
+  of each batch, around the teacher's centres near the threshold (``--hard-fraction``, ``--hard-band``);
 * ``--variant wider``: a fresh student of ``--width`` channels trained with the shipped recipe (``--iterations``
-  steps, other augmentations as for ``further``);
+  steps, other augmentations, losses and crops as for ``further``);
 * ``--variant members``: the checkpoints given with ``--members`` (each holding one network or several), all
   their networks' maps averaged (e.g. two seeds).
 
-For each, leave-one-crop-out F on the three annotated crops (as the model card), and on held-out and training
-images the map correlation with the teacher and the concordance F (3 µm) at the student's threshold and at 0.70
-(the best matched threshold of the shipped student).  The teacher's threshold is the paper's, 0.7706.
+A trained variant is also written as a checkpoint, ``--out``/model.pt (the shipped student's metadata), so that
+``--variant members`` can average several.  For each, leave-one-crop-out F on the three annotated crops (as the
+model card), and on held-out and training images the map correlation with the teacher and the concordance F
+(3 µm) at the student's threshold and at 0.70 (the best matched threshold of the shipped student).  The
+teacher's threshold is the paper's, 0.7706.
 
 Usage (one process, two threads; a ``further`` run of 4,000 steps takes ~7 min on a 2-core VM)::
 
@@ -33,21 +36,29 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
-from wsi_lymph.constants import DEFAULT_MODEL, DEFAULT_TOLERANCE_UM, PAPER_THRESHOLD, SMOOTH_RADIUS_PX
+from wsi_lymph.constants import (
+    CLEAR_RADIUS_PX,
+    DEFAULT_MODEL,
+    DEFAULT_TOLERANCE_UM,
+    PAPER_THRESHOLD,
+    SMOOTH_RADIUS_PX,
+)
 from wsi_lymph.detection.evaluate import DetectionScore, pooled
-from wsi_lymph.detection.peaks import disk_kernel
+from wsi_lymph.detection.peaks import disk_kernel, greedy_peaks, smooth_probability
 from wsi_lymph.io.probmap_store import open_probmap
-from wsi_lymph.models.checkpoints import load_checkpoint_members
-from wsi_lymph.models.networks import SubpixelStudentNet
+from wsi_lymph.models.checkpoints import ensemble_checkpoint, load_checkpoint_members, save_checkpoint_atomic
+from wsi_lymph.models.networks import STUDENT_UPSCALE, SubpixelStudentNet
 from wsi_lymph.models.registry import load_model
 from wsi_lymph.slides.frame import choose_frame
 from wsi_lymph.slides.reader import open_slide
 from wsi_lymph.training.dataset import read_dataset
 from wsi_lymph.training.distill import (
     CROPS_MPP,
+    DistillPair,
     concordance,
     crop_detections,
     image_map,
@@ -56,6 +67,8 @@ from wsi_lymph.training.distill import (
     load_pair,
     read_plan,
     reference_statistics,
+    sample_batch,
+    scaled_crop,
     teacher_loss,
     train_student,
 )
@@ -73,7 +86,9 @@ def _student(args, pairs) -> list[tuple[SubpixelStudentNet, torch.Tensor]]:
     shipped_members = load_model(DEFAULT_MODEL).members
     if args.variant == "shipped":
         return shipped_members
-    shipped = shipped_members[0][0]  # trained further: the first of the shipped students
+    if not 0 <= args.member < len(shipped_members):
+        raise SystemExit(f"--member {args.member}: the shipped student has {len(shipped_members)} networks")
+    shipped = shipped_members[args.member][0]
     # The shipped recipe puts the stain jitter on copies of the images; a work folder without copies gets it on
     # the crops as they are drawn (the recipe of the students shipped before 2026-12-03).
     has_copies = any("-stain" in pair.name for pair in pairs)
@@ -82,7 +97,8 @@ def _student(args, pairs) -> list[tuple[SubpixelStudentNet, torch.Tensor]]:
     recipe = replace(recipe, turned_copies=len({pair.name.rsplit("-turn", 1)[1] for pair in pairs
                                                 if "-turn" in pair.name}))
     if args.variant == "further":
-        recipe = replace(recipe, iterations=args.iterations or 4000, lr=args.lr, seed=1)  # other crops than before
+        # Other crops than before: the shipped networks were trained with seeds 0, 1, ...
+        recipe = replace(recipe, iterations=args.iterations or 4000, lr=args.lr, seed=args.member + 1)
         net = shipped
     else:
         recipe = replace(recipe, iterations=args.iterations or recipe.iterations,
@@ -96,11 +112,48 @@ def _student(args, pairs) -> list[tuple[SubpixelStudentNet, torch.Tensor]]:
     if args.flip_rotate is not None:
         recipe = replace(recipe, flip_rotate=args.flip_rotate)
     started = time.perf_counter()
+    sample = _hard_sampler(pairs, args.hard_fraction, *args.hard_band, net.halo_px) if args.hard_fraction else None
     net, mean_image, _ = train_student(pairs, args.out, recipe, net=net, log=lambda m: print(m, flush=True),
-                                       loss=_smoothed_loss(args.smoothed_loss) if args.smoothed_loss else None)
+                                       loss=_smoothed_loss(args.smoothed_loss) if args.smoothed_loss else None,
+                                       sample=sample)
     print(f"trained in {time.perf_counter() - started:.0f} s; {net.flops_per_input_px() / 1e3:.1f} kFLOP per 20x "
           f"pixel; recipe {json.dumps(asdict(recipe))}")
+    meta = {key: value for key, value in load_model(DEFAULT_MODEL).meta.items() if key != "member_sha256"}
+    save_checkpoint_atomic(ensemble_checkpoint([(net, mean_image)], meta), args.out / "model.pt")
     return [(net, mean_image)]
+
+
+def _hard_sampler(pairs: list[DistillPair], fraction: float, low: float, high: float, halo_px: int):
+    """A ``train_student`` sampler: the recipe's batch, its first ``fraction`` of crops replaced by crops that hold
+    one of the teacher's centres whose smoothed P lies in [low, high] (anywhere in the crop's core, magnified as the
+    recipe's scale jitter says).  The centres are picked on each target as the peaks would (greedy, at ``low``)."""
+    sites = []
+    for pair in pairs:
+        smoothed = smooth_probability(pair.target, SMOOTH_RADIUS_PX)
+        centres = greedy_peaks(smoothed, low, CLEAR_RADIUS_PX)
+        sites.append(centres[smoothed[centres[:, 0], centres[:, 1]] <= high])
+    counts = np.array([len(s) for s in sites], dtype=float)
+    print(f"hard crops: {int(counts.sum())} teacher centres with smoothed P in [{low}, {high}] "
+          f"in {int((counts > 0).sum())} of {len(pairs)} images", flush=True)
+
+    def sample(pairs: list[DistillPair], recipe: StudentRecipe, halo_px: int, step: int):
+        inputs, targets = sample_batch(pairs, recipe, halo_px, step)
+        rng = np.random.default_rng([recipe.seed, step, 1])  # not the batch's own stream
+        size, up = recipe.crop_px, STUDENT_UPSCALE
+        for k in range(round(fraction * recipe.batch_size)):
+            index = rng.choice(len(pairs), p=counts / counts.sum())
+            pair, (row, col) = pairs[index], sites[index][rng.integers(len(sites[index]))]
+            magnification = 1.0 + float(rng.uniform(-recipe.scale_jitter, recipe.scale_jitter))
+            span = (size + 2 * halo_px) / magnification  # source input pixels the crop covers
+            core_row, core_col = rng.uniform(0.0, size, 2)  # where the centre falls in the crop's core
+            rows, cols = pair.inputs_bgr.shape[:2]
+            top = np.clip(row / up - (halo_px + core_row) / magnification, 0.0, rows - span - 1.0)
+            left = np.clip(col / up - (halo_px + core_col) / magnification, 0.0, cols - span - 1.0)
+            x, y = scaled_crop(pair, float(top), float(left), size, halo_px, magnification)
+            inputs[k], targets[k, 0] = x.transpose(2, 0, 1), y
+        return inputs, targets
+
+    return sample
 
 
 def _smoothed_loss(weight: float):
@@ -140,10 +193,21 @@ def main() -> None:
     parser.add_argument("--smoothed-loss", type=float, default=0.0, metavar="WEIGHT",
                         help="--variant further or wider: add WEIGHT x the loss between the two maps smoothed as "
                         "the peaks see them (default 0: the distillation loss alone)")
+    parser.add_argument("--member", type=int, default=0,
+                        help="--variant further: which of the shipped student's networks to train (0, 1, ...)")
+    parser.add_argument("--hard-fraction", type=float, default=0.0,
+                        help="--variant further or wider: the fraction of each batch's crops drawn around the "
+                        "teacher's centres in --hard-band (default 0: all crops uniform)")
+    parser.add_argument("--hard-band", type=float, nargs=2, default=(0.6, 0.9), metavar=("LOW", "HIGH"),
+                        help="smoothed teacher P of the centres --hard-fraction draws around (default 0.6 0.9)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     if args.smoothed_loss and args.variant not in ("further", "wider"):
         parser.error("--smoothed-loss trains a student: it goes with --variant further or wider")
+    if args.hard_fraction and args.variant not in ("further", "wider"):
+        parser.error("--hard-fraction trains a student: it goes with --variant further or wider")
+    if not 0.0 <= args.hard_fraction <= 1.0:
+        parser.error(f"--hard-fraction {args.hard_fraction}: a fraction of the batch, 0 to 1")
     if args.out is None:
         args.out = Path(tempfile.mkdtemp(prefix="student-fidelity-"))
     elif any(args.out.glob("student-state-*.pt")):

@@ -28,6 +28,7 @@ from wsi_lymph.training.distill import (
     DistillPair,
     claim_out_dir,
     copy_view,
+    input_normalisation,
     read_plan,
     reference_statistics,
     run_settings,
@@ -371,6 +372,35 @@ def test_train_student_trains_the_network_it_is_given(tmp_path):
     net, _, start = train_student([pair], tmp_path, recipe, net=wide, log=lambda message: None)
     assert net is wide and start == 0 and net.conv5.out_channels == 16
     assert not torch.equal(net.conv5.weight, before)  # trained, not just handed back
+
+
+def test_train_student_draws_its_batches_from_the_sampler_it_is_given_and_resumes_at_the_next_step(tmp_path):
+    """A sampler passed in is asked for each step's batch (the bench draws some crops elsewhere); resumed, it is
+    asked only for the steps not yet trained.  Trained on its all-zero targets, the map goes down everywhere."""
+    rng = np.random.default_rng(3)
+    pair = DistillPair("noise", rng.uniform(0, 255, (80, 80, 3)).astype(np.float32),
+                       rng.uniform(0, 1, (320, 320)).astype(np.float32))
+    asked = []
+
+    def zeros(pairs, recipe, halo_px, step):
+        asked.append(step)
+        inputs, targets = sample_batch(pairs, recipe, halo_px, step)
+        return inputs, np.zeros_like(targets)
+
+    recipe = StudentRecipe(iterations=6, batch_size=2, checkpoint_every=3, lr=1e-2)
+    torch.manual_seed(recipe.seed)
+    window = torch.from_numpy(pair.inputs_bgr[:40, :40].transpose(2, 0, 1)[None].copy())
+    mean = torch.as_tensor(input_normalisation([pair])[0], dtype=torch.float32).view(1, 3, 1, 1)
+    before = torch.sigmoid(SubpixelStudentNet(tuple(input_normalisation([pair])[1]))(window - mean)).mean()
+    train_student([pair], tmp_path, replace(recipe, iterations=3), log=lambda message: None, sample=zeros)
+    state = torch.load(tmp_path / "student-state-3.pt", weights_only=True)
+    state["recipe"]["iterations"] = 6  # the same run, continued
+    torch.save(state, tmp_path / "student-state-3.pt")
+    net, _, start = train_student([pair], tmp_path, recipe, log=lambda message: None, sample=zeros)
+    assert asked == [0, 1, 2, 3, 4, 5] and start == 3
+    with torch.no_grad():
+        after = torch.sigmoid(net(window - mean)).mean()
+    assert after < 0.5 * before
 
 
 def test_a_checkpoint_from_before_a_recipe_field_resumes_only_the_recipe_it_was_trained_with(tmp_path):

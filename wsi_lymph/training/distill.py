@@ -463,12 +463,14 @@ def train_student(
     log=print,
     net: SubpixelStudentNet | None = None,
     loss: Callable[[torch.Tensor, torch.Tensor, StudentRecipe], torch.Tensor] | None = None,
+    sample: Callable[[list[DistillPair], StudentRecipe, int, int], tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> tuple[SubpixelStudentNet, torch.Tensor, int]:
     """Train the student on teacher maps; resumes from the newest ``student-state-*.pt`` in ``out_dir``.
 
     ``net`` is the network to train (default: a fresh width-32 one, initialised from ``recipe.seed``);
     ``bench/student_fidelity.py`` passes a wider one, or the shipped student to train it further.  ``loss``
-    (default :func:`teacher_loss`) is called as ``loss(logits, target, recipe)``; the bench tries others.
+    (default :func:`teacher_loss`) is called as ``loss(logits, target, recipe)``, and ``sample`` (default
+    :func:`sample_batch`) as ``sample(pairs, recipe, halo_px, step)``; the bench tries others.
 
     Returns
     -------
@@ -501,7 +503,7 @@ def train_student(
     for step in range(start, recipe.iterations):
         for group in optimiser.param_groups:
             group["lr"] = _learning_rate(recipe, step)
-        x, y = (torch.from_numpy(a).to(device) for a in sample_batch(pairs, recipe, net.halo_px, step))
+        x, y = (torch.from_numpy(a).to(device) for a in (sample or sample_batch)(pairs, recipe, net.halo_px, step))
         logits = net((x - mean_t).contiguous(memory_format=torch.channels_last))
         value = (loss or teacher_loss)(logits, y, recipe)
         optimiser.zero_grad(set_to_none=True)
