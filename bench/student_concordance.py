@@ -2,17 +2,26 @@
 
 Reads a ``wsi-lymph distill`` work folder: the prepared held-out images (``images/``) and the teacher's stride-2
 maps of them (``teacher-stride2/``).  Prints pooled F (matched within 3 µm) of the student's centres against the
-teacher's (threshold 0.7706) for each student threshold, and, when ``--teacher-stride4`` names a folder of the
+teacher's (threshold 0.7706) for each student threshold, then per image at the student's own threshold (the
+first ``--model``'s, or ``--threshold``), and, when ``--teacher-stride4`` names a folder of the
 teacher's stride-4 maps of the same images (``wsi-lymph probmap IMAGES --model janowczyk2016 --stride 4 --dtype
 float32 --out DIR``), the teacher's stride-4 centres against its stride-2 centres.  ``--errors T`` lists the
 student's unmatched centres at threshold ``T`` and the teacher's, and counts those where the other side's smoothed
 map passes its own threshold too (both maps see the object; the greedy picking placed the peaks differently) and
 those where it does not (one map misses the object).
 
+The plan's held-out regions are small (283 teacher centres in all), so ``--prepare-more DIR`` writes seven more
+regions of the same three held-out images (none overlapping the plan's; never trained on), prepared as ``distill``
+prepares images, into ``DIR/images``; the teacher's stride-2 maps of them then come from ``wsi-lymph probmap
+DIR/images --model janowczyk2016 --stride 2 --dtype float32 --out DIR/teacher-stride2`` (about 40 min on a
+2-core VM), and ``--work DIR --images`` with their names scores the student on them (with the plan's three
+linked in, on all ten).
+
 Usage::
 
-    .venv/bin/python bench/student_concordance.py --work distill/ [--model NAME_OR_CHECKPOINT] [--teacher-stride4 DIR]
-        [--errors THRESHOLD]
+    .venv/bin/python bench/student_concordance.py --work distill/ [--model NAME_OR_CHECKPOINT ...] [--threshold T]
+        [--teacher-stride4 DIR] [--errors THRESHOLD] [--images NAME ...]
+    .venv/bin/python bench/student_concordance.py --prepare-more DIR
 """
 
 from __future__ import annotations
@@ -30,9 +39,22 @@ from wsi_lymph.io.probmap_store import open_probmap
 from wsi_lymph.models.registry import load_model
 from wsi_lymph.slides.frame import choose_frame
 from wsi_lymph.slides.reader import open_slide
-from wsi_lymph.training.distill import concordance, image_map
+from wsi_lymph.training.dataset import read_dataset
+from wsi_lymph.training.distill import PlanImage, concordance, image_map, prepare_image, reference_statistics
 
 SWEEP = (0.3, 0.4, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.925)
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+#: More regions (level-0 x, y, width, height) of the plan's three held-out images, beside the plan's own
+#: (tia 680, 300, 200, 200; stardist 180, 80, 128, 128; hl-lung 180, 180, 128, 128): name, file, µm/px, region.
+MORE_HELD_OUT = (
+    ("tia-2", "he-unlabeled/tiatoolbox-target-1000.png", 0.3, (100, 100, 300, 300)),
+    ("tia-3", "he-unlabeled/tiatoolbox-target-1000.png", 0.3, (400, 600, 300, 300)),
+    ("stardist-2", "images/stardist-histo.jpg", 0.5, (20, 60, 140, 140)),
+    ("stardist-3", "images/stardist-histo.jpg", 0.5, (330, 40, 140, 140)),
+    ("hl-lung-2", "he-unlabeled/histolab-tiles/tcga-lung-rgb.png", 0.5, (20, 20, 140, 140)),
+    ("hl-lung-3", "he-unlabeled/histolab-tiles/tcga-lung-rgb.png", 0.5, (340, 340, 140, 140)),
+    ("hl-lung-4", "he-unlabeled/histolab-tiles/tcga-lung-rgb.png", 0.5, (20, 340, 140, 140)),
+)
 
 
 def _map(path: Path):
@@ -41,14 +63,30 @@ def _map(path: Path):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, required=True, help="a wsi-lymph distill --out folder")
+    parser.add_argument("--work", type=Path, help="a wsi-lymph distill --out folder")
+    parser.add_argument("--prepare-more", type=Path, default=None, metavar="DIR",
+                        help="write the prepared images of MORE_HELD_OUT into DIR/images and stop")
     parser.add_argument("--teacher-stride4", type=Path, default=None)
     parser.add_argument("--images", nargs="+", default=["tia", "stardist", "hl-lung"])
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="the student (default: the default model)")
+    parser.add_argument("--model", nargs="+", default=[DEFAULT_MODEL],
+                        help="the student (default: the default model); several: their networks' maps averaged")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="the student's threshold for the per-image figures (default: the first model's)")
     parser.add_argument("--errors", type=float, default=None, metavar="THRESHOLD",
                         help="also list the unmatched centres at this student threshold")
     args = parser.parse_args()
-    members = load_model(args.model).members
+    if args.prepare_more is not None:
+        crops = read_dataset(DATA / "lymph-centers")
+        reference = reference_statistics([crop.image_path for crop in crops])  # as distill's, from the crops
+        for name, file, mpp, region in MORE_HELD_OUT:
+            image = PlanImage(name=name, path=str(DATA / file), mpp=mpp, region_level0=region, role="heldout")
+            print(prepare_image(image, reference, args.prepare_more / "images"))
+        return
+    if args.work is None:
+        parser.error("--work is needed (unless --prepare-more)")
+    models = [load_model(name) for name in args.model]
+    members = [member for model in models for member in model.members]
+    threshold = models[0].threshold if args.threshold is None else args.threshold
     found, smoothed_teacher, teachers = {}, {}, {}
     for name in args.images:
         image = args.work / "images" / f"{name}.tif"
@@ -61,12 +99,21 @@ def main() -> None:
         found[name] = (smooth_probability(student[:rows, :cols], SMOOTH_RADIUS_PX), teacher_centres, mpp)
         smoothed_teacher[name] = teacher_smoothed
     print("student threshold: pooled F (precision, recall) against the teacher's stride-2 centres")
-    for threshold in SWEEP:
-        scores = [match_points(greedy_peaks(smoothed, threshold, CLEAR_RADIUS_PX)[:, ::-1].astype(float),
+    for swept in SWEEP:
+        scores = [match_points(greedy_peaks(smoothed, swept, CLEAR_RADIUS_PX)[:, ::-1].astype(float),
                                centres[:, ::-1].astype(float), DEFAULT_TOLERANCE_UM / mpp)
                   for smoothed, centres, mpp in found.values()]
         score = pooled(scores)
-        print(f"{threshold:.3f}: F {score.f_score:.3f} (P {score.precision:.3f}, R {score.recall:.3f})")
+        print(f"{swept:.3f}: F {score.f_score:.3f} (P {score.precision:.3f}, R {score.recall:.3f})")
+    print(f"at the student's threshold {threshold}, per image (teacher centres): F")
+    scores = []
+    for name, (smoothed, centres, mpp) in found.items():
+        scores.append(match_points(greedy_peaks(smoothed, threshold, CLEAR_RADIUS_PX)[:, ::-1].astype(float),
+                                   centres[:, ::-1].astype(float), DEFAULT_TOLERANCE_UM / mpp))
+        print(f"  {name} ({len(centres)}): {scores[-1].f_score:.3f}")
+    score = pooled(scores)
+    print(f"  pooled: F {score.f_score:.3f} (P {score.precision:.3f}, R {score.recall:.3f}; "
+          f"{score.true_positives} matched, {score.false_positives} + {score.false_negatives} unmatched)")
     if args.errors is not None:
         _print_errors(found, smoothed_teacher, args.errors)
     if args.teacher_stride4 is not None:
