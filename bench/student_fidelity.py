@@ -16,7 +16,8 @@ scores one student:
   their networks' maps averaged (e.g. two seeds).
 
 A trained variant is also written as a checkpoint, ``--out``/model.pt (the shipped student's metadata), so that
-``--variant members`` can average several.  For each, leave-one-crop-out F on the three annotated crops (as the
+``--variant members`` can average several (the registry builds students of width 32 only, so a wider one is
+scored here and not loaded from it).  For each, leave-one-crop-out F on the three annotated crops (as the
 model card), and on held-out and training images the map correlation with the teacher and the concordance F
 (3 µm) at the student's threshold and at 0.70 (the best matched threshold of the shipped student).  The
 teacher's threshold is the paper's, 0.7706.
@@ -112,7 +113,7 @@ def _student(args, pairs) -> list[tuple[SubpixelStudentNet, torch.Tensor]]:
     if args.flip_rotate is not None:
         recipe = replace(recipe, flip_rotate=args.flip_rotate)
     started = time.perf_counter()
-    sample = _hard_sampler(pairs, args.hard_fraction, *args.hard_band, net.halo_px) if args.hard_fraction else None
+    sample = _hard_sampler(pairs, args.hard_fraction, *args.hard_band) if args.hard_fraction else None
     net, mean_image, _ = train_student(pairs, args.out, recipe, net=net, log=lambda m: print(m, flush=True),
                                        loss=_smoothed_loss(args.smoothed_loss) if args.smoothed_loss else None,
                                        sample=sample)
@@ -123,7 +124,7 @@ def _student(args, pairs) -> list[tuple[SubpixelStudentNet, torch.Tensor]]:
     return [(net, mean_image)]
 
 
-def _hard_sampler(pairs: list[DistillPair], fraction: float, low: float, high: float, halo_px: int):
+def _hard_sampler(pairs: list[DistillPair], fraction: float, low: float, high: float):
     """A ``train_student`` sampler: the recipe's batch, its first ``fraction`` of crops replaced by crops that hold
     one of the teacher's centres whose smoothed P lies in [low, high] (anywhere in the crop's core, magnified as the
     recipe's scale jitter says).  The centres are picked on each target as the peaks would (greedy, at ``low``)."""
@@ -133,6 +134,8 @@ def _hard_sampler(pairs: list[DistillPair], fraction: float, low: float, high: f
         centres = greedy_peaks(smoothed, low, CLEAR_RADIUS_PX)
         sites.append(centres[smoothed[centres[:, 0], centres[:, 1]] <= high])
     counts = np.array([len(s) for s in sites], dtype=float)
+    if not counts.sum():
+        raise SystemExit(f"--hard-band {low} {high}: no teacher centre of the training images lies in it")
     print(f"hard crops: {int(counts.sum())} teacher centres with smoothed P in [{low}, {high}] "
           f"in {int((counts > 0).sum())} of {len(pairs)} images", flush=True)
 
