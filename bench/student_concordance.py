@@ -13,7 +13,7 @@ those where it does not (one map misses the object).
 The plan's held-out regions are small (283 teacher centres in all), so ``--prepare-more DIR`` writes seven more
 regions of the same three held-out images (none overlapping the plan's; never trained on), prepared as ``distill``
 prepares images, into ``DIR/images``; the teacher's stride-2 maps of them then come from ``wsi-lymph probmap
-DIR/images --model janowczyk2016 --stride 2 --dtype float32 --out DIR/teacher-stride2`` (about 40 min on a
+DIR/images --model janowczyk2016 --stride 2 --dtype float32 --out DIR/teacher-stride2`` (about 30 min on a
 2-core VM), and ``--work DIR --images`` with their names scores the student on them (with the plan's three
 linked in, on all ten).
 
@@ -100,18 +100,13 @@ def main() -> None:
         smoothed_teacher[name] = teacher_smoothed
     print("student threshold: pooled F (precision, recall) against the teacher's stride-2 centres")
     for swept in SWEEP:
-        scores = [match_points(greedy_peaks(smoothed, swept, CLEAR_RADIUS_PX)[:, ::-1].astype(float),
-                               centres[:, ::-1].astype(float), DEFAULT_TOLERANCE_UM / mpp)
-                  for smoothed, centres, mpp in found.values()]
-        score = pooled(scores)
+        score = pooled(list(_scores(found, swept).values()))
         print(f"{swept:.3f}: F {score.f_score:.3f} (P {score.precision:.3f}, R {score.recall:.3f})")
     print(f"at the student's threshold {threshold}, per image (teacher centres): F")
-    scores = []
-    for name, (smoothed, centres, mpp) in found.items():
-        scores.append(match_points(greedy_peaks(smoothed, threshold, CLEAR_RADIUS_PX)[:, ::-1].astype(float),
-                                   centres[:, ::-1].astype(float), DEFAULT_TOLERANCE_UM / mpp))
-        print(f"  {name} ({len(centres)}): {scores[-1].f_score:.3f}")
-    score = pooled(scores)
+    scores = _scores(found, threshold)
+    for name, image_score in scores.items():
+        print(f"  {name} ({len(found[name][1])}): {image_score.f_score:.3f}")
+    score = pooled(list(scores.values()))
     print(f"  pooled: F {score.f_score:.3f} (P {score.precision:.3f}, R {score.recall:.3f}; "
           f"{score.true_positives} matched, {score.false_positives} + {score.false_negatives} unmatched)")
     if args.errors is not None:
@@ -131,6 +126,13 @@ def main() -> None:
         if args.errors is not None:
             print("the same for the teacher's stride-4 map in the student's place:")
             _print_errors(stride4, smoothed_teacher, PAPER_THRESHOLD)
+
+
+def _scores(found: dict, threshold: float) -> dict[str, DetectionScore]:
+    """Per image, the student's centres at ``threshold`` against the teacher's (matched within 3 µm)."""
+    return {name: match_points(greedy_peaks(smoothed, threshold, CLEAR_RADIUS_PX)[:, ::-1].astype(float),
+                               centres[:, ::-1].astype(float), DEFAULT_TOLERANCE_UM / mpp)
+            for name, (smoothed, centres, mpp) in found.items()}
 
 
 def _print_errors(found: dict, smoothed_teacher: dict, threshold: float) -> None:

@@ -390,8 +390,9 @@ def test_train_student_draws_its_batches_from_the_sampler_it_is_given_and_resume
     recipe = StudentRecipe(iterations=6, batch_size=2, checkpoint_every=3, lr=1e-2)
     torch.manual_seed(recipe.seed)
     window = torch.from_numpy(pair.inputs_bgr[:40, :40].transpose(2, 0, 1)[None].copy())
-    mean = torch.as_tensor(input_normalisation([pair])[0], dtype=torch.float32).view(1, 3, 1, 1)
-    before = torch.sigmoid(SubpixelStudentNet(tuple(input_normalisation([pair])[1]))(window - mean)).mean()
+    mean_bgr, std_bgr = input_normalisation([pair])
+    mean = torch.as_tensor(mean_bgr, dtype=torch.float32).view(1, 3, 1, 1)
+    before = torch.sigmoid(SubpixelStudentNet(tuple(std_bgr))(window - mean)).mean()
     train_student([pair], tmp_path, replace(recipe, iterations=3), log=lambda message: None, sample=zeros)
     state = torch.load(tmp_path / "student-state-3.pt", weights_only=True)
     state["recipe"]["iterations"] = 6  # the same run, continued
