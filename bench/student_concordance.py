@@ -8,7 +8,8 @@ teacher's stride-4 maps of the same images (``wsi-lymph probmap IMAGES --model j
 float32 --out DIR``), the teacher's stride-4 centres against its stride-2 centres.  ``--errors T`` lists the
 student's unmatched centres at threshold ``T`` and the teacher's, and counts those where the other side's smoothed
 map passes its own threshold too (both maps see the object; the greedy picking placed the peaks differently) and
-those where it does not (one map misses the object).
+those where it does not (one map misses the object).  ``--margin-px N`` counts only the centres at least ``N``
+model-frame px inside the image (the border band where the networks read the mirrored edge, not tissue).
 
 The plan's held-out regions are small (283 teacher centres in all), so ``--prepare-more DIR`` writes seven more
 regions of the same three held-out images (none overlapping the plan's; never trained on), prepared as ``distill``
@@ -20,7 +21,7 @@ linked in, on all ten).
 Usage::
 
     .venv/bin/python bench/student_concordance.py --work distill/ [--model NAME_OR_CHECKPOINT ...] [--threshold T]
-        [--teacher-stride4 DIR] [--errors THRESHOLD] [--images NAME ...]
+        [--teacher-stride4 DIR] [--errors THRESHOLD] [--margin-px N] [--images NAME ...]
     .venv/bin/python bench/student_concordance.py --prepare-more DIR
 """
 
@@ -72,6 +73,9 @@ def main() -> None:
                         help="the student (default: the default model); several: their networks' maps averaged")
     parser.add_argument("--threshold", type=float, default=None,
                         help="the student's threshold for the per-image figures (default: the first model's)")
+    parser.add_argument("--margin-px", type=int, default=0,
+                        help="count only centres at least this many model-frame px inside the image, where "
+                             "both networks read image pixels, not the mirrored border (default 0: all)")
     parser.add_argument("--errors", type=float, default=None, metavar="THRESHOLD",
                         help="also list the unmatched centres at this student threshold")
     args = parser.parse_args()
@@ -100,12 +104,12 @@ def main() -> None:
         smoothed_teacher[name] = teacher_smoothed
     print("student threshold: pooled F (precision, recall) against the teacher's stride-2 centres")
     for swept in SWEEP:
-        score = pooled(list(_scores(found, swept).values()))
+        score = pooled(list(_scores(found, swept, args.margin_px).values()))
         print(f"{swept:.3f}: F {score.f_score:.3f} (P {score.precision:.3f}, R {score.recall:.3f})")
     print(f"at the student's threshold {threshold}, per image (teacher centres): F")
-    scores = _scores(found, threshold)
+    scores = _scores(found, threshold, args.margin_px)
     for name, image_score in scores.items():
-        print(f"  {name} ({len(found[name][1])}): {image_score.f_score:.3f}")
+        print(f"  {name} ({image_score.true_positives + image_score.false_negatives}): {image_score.f_score:.3f}")
     score = pooled(list(scores.values()))
     print(f"  pooled: F {score.f_score:.3f} (P {score.precision:.3f}, R {score.recall:.3f}; "
           f"{score.true_positives} matched, {score.false_positives} + {score.false_negatives} unmatched)")
@@ -128,11 +132,25 @@ def main() -> None:
             _print_errors(stride4, smoothed_teacher, PAPER_THRESHOLD)
 
 
-def _scores(found: dict, threshold: float) -> dict[str, DetectionScore]:
-    """Per image, the student's centres at ``threshold`` against the teacher's (matched within 3 µm)."""
-    return {name: match_points(greedy_peaks(smoothed, threshold, CLEAR_RADIUS_PX)[:, ::-1].astype(float),
-                               centres[:, ::-1].astype(float), DEFAULT_TOLERANCE_UM / mpp)
-            for name, (smoothed, centres, mpp) in found.items()}
+def _scores(found: dict, threshold: float, margin_px: int = 0) -> dict[str, DetectionScore]:
+    """Per image, the student's centres at ``threshold`` against the teacher's (matched within 3 µm), counting
+    only centres at least ``margin_px`` model-frame px inside the image (all centres take part in the matching)."""
+    scores = {}
+    for name, (smoothed, teacher_centres, mpp) in found.items():
+        student_centres = greedy_peaks(smoothed, threshold, CLEAR_RADIUS_PX)
+        if not margin_px:
+            scores[name] = match_points(student_centres, teacher_centres, DEFAULT_TOLERANCE_UM / mpp)
+            continue
+        pairs = matched_pairs(student_centres, teacher_centres, DEFAULT_TOLERANCE_UM / mpp)
+        far = np.array(smoothed.shape) - margin_px
+        student_in, teacher_in = (((c >= margin_px) & (c < far)).all(axis=1)
+                                  for c in (student_centres, teacher_centres))
+        # A matched pair counts where the teacher's centre lies; an unmatched centre where it lies itself.
+        matched = int(teacher_in[pairs[1]].sum())
+        extra = int(student_in.sum() - student_in[pairs[0]].sum())
+        missed = int(teacher_in.sum() - matched)
+        scores[name] = DetectionScore(matched, extra, missed)
+    return scores
 
 
 def _print_errors(found: dict, smoothed_teacher: dict, threshold: float) -> None:
