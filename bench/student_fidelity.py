@@ -16,11 +16,11 @@ scores one student:
   their networks' maps averaged (e.g. two seeds).
 
 A trained variant is also written as a checkpoint, ``--out``/model.pt (the shipped student's metadata), so that
-``--variant members`` can average several (the registry builds students of width 32 only, so a wider one is
-scored here and not loaded from it).  For each, leave-one-crop-out F on the three annotated crops (as the
-model card), and on held-out and training images the map correlation with the teacher and the concordance F
-(3 µm) at the student's threshold and at 0.70 (the best matched threshold of the shipped student).  The
-teacher's threshold is the paper's, 0.7706.
+``--variant members`` and ``bench/student_concordance.py --model`` can average several (the checkpoint records
+each network's width; those written before 2026-12-05 did not, and a wider one of them does not load). For each,
+leave-one-crop-out F on the three annotated crops (as the model card), and on held-out and training images the map
+correlation with the teacher and the concordance F (3 µm) at the student's threshold and at 0.70 (the best matched
+threshold of the shipped student). The teacher's threshold is the paper's, 0.7706.
 
 Usage (one process, two threads; a ``further`` run of 4,000 steps takes ~7 min on a 2-core VM)::
 

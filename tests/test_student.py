@@ -101,6 +101,35 @@ def test_a_checkpoint_of_several_students_loads_as_one_model_averaging_their_map
     np.testing.assert_allclose(averaged, (alone[0] + alone[1]) / 2, rtol=0, atol=1e-6)
 
 
+def test_a_student_of_another_width_loads_with_its_own_width_and_a_wrong_width_is_refused(tmp_path):
+    from wsi_lymph.models.checkpoints import ModelError, ensemble_checkpoint, save_checkpoint_atomic
+    from wsi_lymph.models.registry import load_model
+
+    torch.manual_seed(3)
+    wide = SubpixelStudentNet(input_std=(40.0, 45.0, 35.0), width=48).eval()
+    mean = torch.tensor([180.0, 120.0, 170.0]).view(3, 1, 1).expand(3, 32, 32).contiguous()
+    meta = {"arch": STUDENT_ARCH, "name": "wide", "threshold": 0.7, "model_mpp": 0.125,
+            "channel_order": "BGR", "input_range": 255.0, "class_index": 1}
+    checkpoint = ensemble_checkpoint([(wide, mean)] + _random_student(0), meta)
+    path = save_checkpoint_atomic(checkpoint, tmp_path / "wide.pt")
+    model = load_model(str(path))
+    assert [net.width for net, _ in model.members] == [48, 32]
+    info = open_slide(SLIDES / "cmu-1-small-region.svs")
+    reader = slide_window_reader(info, choose_frame(info))
+    box = (2000, 2101, 3001, 3100)
+    expected, _ = window_probabilities(reader, box, [(wide, mean)])
+    np.testing.assert_array_equal(window_probabilities(reader, box, model.members[:1])[0], expected)
+
+    checkpoint["members"][0]["width"] = 32  # weights of width 48 under a record that says 32
+    save_checkpoint_atomic(checkpoint, tmp_path / "mislabelled.pt")
+    with pytest.raises(ModelError, match=r"mislabelled.pt \(member 1\): weights do not fit"):
+        load_model(str(tmp_path / "mislabelled.pt"))
+    checkpoint["members"][0]["width"] = "wide"
+    save_checkpoint_atomic(checkpoint, tmp_path / "nonsense.pt")
+    with pytest.raises(ModelError, match=r"nonsense.pt \(member 1\): width 'wide' is not a positive number"):
+        load_model(str(tmp_path / "nonsense.pt"))
+
+
 def test_the_student_reads_the_slide_at_20x_without_resampling():
     info = open_slide(SLIDES / "cmu-1-small-region.svs")
     frame = coarser_frame(choose_frame(info), STUDENT_UPSCALE)

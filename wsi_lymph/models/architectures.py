@@ -67,11 +67,13 @@ class Architecture:
     takes_input_std: bool = False
     caffe_layers: tuple[str, ...] = ()
 
-    def build(self, input_std: Sequence[float] | None = None) -> nn.Module:
-        """An untrained network (``input_std``: (3,) B, G, R on the 0-255 scale, for networks that take it)."""
+    def build(self, input_std: Sequence[float] | None = None, **shape: int) -> nn.Module:
+        """An untrained network (``input_std``: (3,) B, G, R on the 0-255 scale, for networks that take it;
+        ``shape``: keyword arguments of the network's size, e.g. a student's ``width``)."""
         if self.takes_input_std:
-            return self.network(tuple(float(s) for s in (input_std if input_std is not None else (1.0, 1.0, 1.0))))
-        return self.network()
+            std = tuple(float(s) for s in (input_std if input_std is not None else (1.0, 1.0, 1.0)))
+            return self.network(std, **shape)
+        return self.network(**shape)
 
 
 ARCHITECTURES: dict[str, Architecture] = {

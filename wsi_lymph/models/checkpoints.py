@@ -59,8 +59,10 @@ def save_checkpoint_atomic(checkpoint: dict[str, Any], out_path: str | os.PathLi
 
 def ensemble_checkpoint(members: list[tuple[nn.Module, torch.Tensor]], meta: dict[str, Any]) -> dict[str, Any]:
     """The checkpoint dict of ``members`` (network, mean image) under one ``meta``: format 1 for one network,
-    format 2 for several (``meta["format"]`` is set accordingly)."""
-    records = [{"state_dict": {k: v.contiguous() for k, v in net.state_dict().items()}, "mean_bgr": mean}
+    format 2 for several (``meta["format"]`` is set accordingly).  A network with a ``width`` (the student)
+    has it recorded beside its weights, so that it is rebuilt at that width."""
+    records = [{"state_dict": {k: v.contiguous() for k, v in net.state_dict().items()}, "mean_bgr": mean,
+                **({"width": net.width} if hasattr(net, "width") else {})}
                for net, mean in members]
     if len(records) == 1:
         return {**records[0], "meta": {**meta, "format": CHECKPOINT_FORMAT}}
@@ -164,7 +166,14 @@ def _build(path: Path, arch: str, record: dict, device: str, member: int | None)
     if not isinstance(mean, torch.Tensor) or tuple(mean.shape) != MEAN_SHAPE:
         shape = tuple(mean.shape) if isinstance(mean, torch.Tensor) else type(mean).__name__
         raise ModelError(f"{where}: mean image has shape {shape}, expected {MEAN_SHAPE}")
-    net = entry.build()
+    # Students record their width (checkpoints written before 2026-12-05 do not: they are all of the default width).
+    shape = {"width": record["width"]} if "width" in record else {}
+    if shape and not (isinstance(shape["width"], int) and shape["width"] >= 4):
+        raise ModelError(f"{where}: width {shape['width']!r} is not a positive number of channels (4 or more)")
+    try:
+        net = entry.build(**shape)
+    except TypeError as exc:
+        raise ModelError(f"{where}: the {arch} network takes no {', '.join(shape)}: {exc}") from exc
     if entry.per_channel_mean:
         try:
             channel_mean(mean)

@@ -403,6 +403,7 @@ class SubpixelStudentNet(nn.Module):
 
     def __init__(self, input_std: tuple[float, float, float] | list[float] = (1.0, 1.0, 1.0), width: int = 32) -> None:
         super().__init__()
+        self.width = width  # recorded in checkpoints, so a student of another width loads as it was trained
         first = 3 * width // 4
         self.conv1 = nn.Conv2d(3, first, 3)
         self.conv2 = nn.Conv2d(first, width, 3)
