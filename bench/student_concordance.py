@@ -34,7 +34,7 @@ import numpy as np
 from scipy.spatial.distance import cdist
 
 from wsi_lymph.constants import CLEAR_RADIUS_PX, DEFAULT_MODEL, DEFAULT_TOLERANCE_UM, PAPER_THRESHOLD, SMOOTH_RADIUS_PX
-from wsi_lymph.detection.evaluate import DetectionScore, match_points, matched_pairs, pooled
+from wsi_lymph.detection.evaluate import DetectionScore, matched_pairs, pooled
 from wsi_lymph.detection.peaks import greedy_peaks, smooth_probability
 from wsi_lymph.io.probmap_store import open_probmap
 from wsi_lymph.models.registry import load_model
@@ -79,6 +79,8 @@ def main() -> None:
     parser.add_argument("--errors", type=float, default=None, metavar="THRESHOLD",
                         help="also list the unmatched centres at this student threshold")
     args = parser.parse_args()
+    if args.margin_px < 0:
+        parser.error(f"--margin-px {args.margin_px}: a margin is 0 or more model-frame px")
     if args.prepare_more is not None:
         crops = read_dataset(DATA / "lymph-centers")
         reference = reference_statistics([crop.image_path for crop in crops])  # as distill's, from the crops
@@ -138,9 +140,6 @@ def _scores(found: dict, threshold: float, margin_px: int = 0) -> dict[str, Dete
     scores = {}
     for name, (smoothed, teacher_centres, mpp) in found.items():
         student_centres = greedy_peaks(smoothed, threshold, CLEAR_RADIUS_PX)
-        if not margin_px:
-            scores[name] = match_points(student_centres, teacher_centres, DEFAULT_TOLERANCE_UM / mpp)
-            continue
         pairs = matched_pairs(student_centres, teacher_centres, DEFAULT_TOLERANCE_UM / mpp)
         far = np.array(smoothed.shape) - margin_px
         student_in, teacher_in = (((c >= margin_px) & (c < far)).all(axis=1)
