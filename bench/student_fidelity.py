@@ -10,14 +10,16 @@ scores one student:
   others (``--stain-jitter``, ``--scale-jitter``), with the distillation loss alone or plus a loss on the two maps
   smoothed as the peaks see them (``--smoothed-loss WEIGHT``), and with crops drawn uniformly or, for a fraction
   of each batch, around the teacher's centres near the threshold (``--hard-fraction``, ``--hard-band``);
-* ``--variant wider``: a fresh student of ``--width`` channels trained with the shipped recipe (``--iterations``
-  steps, other augmentations, losses and crops as for ``further``);
+* ``--variant wider``: a fresh student of ``--width`` channels (and inner layers of ``--dilations``, with
+  ``--residual`` connections: e.g. a deeper one of the shipped cost, ``--width 24 --dilations 1 2 4 2 1 1``)
+  trained with the shipped recipe (``--iterations`` steps, other augmentations, losses and crops as for
+  ``further``);
 * ``--variant members``: the checkpoints given with ``--members`` (each holding one network or several), all
   their networks' maps averaged (e.g. two seeds).
 
 A trained variant is also written as a checkpoint, ``--out``/model.pt (the shipped student's metadata), so that
 ``--variant members`` and ``bench/student_concordance.py --model`` can average several (the checkpoint records
-each network's width; those written before 2026-12-05 did not, and a wider one of them does not load). For each,
+each network's shape; those written before 2026-12-05 did not, and a wider one of them does not load). For each,
 leave-one-crop-out F on the three annotated crops (as the model card), and on held-out and training images the map
 correlation with the teacher and the concordance F (3 µm) at the student's threshold and at 0.70 (the best matched
 threshold of the shipped student). The teacher's threshold is the paper's, 0.7706.
@@ -105,7 +107,8 @@ def _student(args, pairs) -> list[tuple[SubpixelStudentNet, torch.Tensor]]:
         recipe = replace(recipe, iterations=args.iterations or recipe.iterations,
                          seed=recipe.seed if args.seed is None else args.seed)
         torch.manual_seed(recipe.seed)
-        net = SubpixelStudentNet(tuple(input_normalisation(pairs)[1]), width=args.width)
+        net = SubpixelStudentNet(tuple(input_normalisation(pairs)[1]), width=args.width,
+                                 dilations=tuple(args.dilations), residual=args.residual)
     if args.stain_jitter is not None:
         recipe = replace(recipe, stain_jitter=args.stain_jitter)
     if args.scale_jitter is not None:
@@ -186,6 +189,9 @@ def main() -> None:
                         help="steps of --variant further (default 4000) or wider (default: the recipe's)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of --variant further")
     parser.add_argument("--width", type=int, default=48, help="channels of --variant wider")
+    parser.add_argument("--dilations", type=int, nargs="+", default=[2, 4, 1],
+                        help="dilation of each inner layer of --variant wider (default: the shipped 2 4 1)")
+    parser.add_argument("--residual", action="store_true", help="--variant wider with residual inner layers")
     parser.add_argument("--seed", type=int, default=None, help="seed of --variant wider (default: the recipe's)")
     parser.add_argument("--flip-rotate", action=argparse.BooleanOptionalAction, default=None,
                         help="the recipe field flip_rotate (default: the recipe's, off)")
@@ -209,6 +215,8 @@ def main() -> None:
         parser.error("--smoothed-loss trains a student: it goes with --variant further or wider")
     if args.hard_fraction and args.variant not in ("further", "wider"):
         parser.error("--hard-fraction trains a student: it goes with --variant further or wider")
+    if min(args.dilations) < 1:
+        parser.error(f"--dilations {' '.join(map(str, args.dilations))}: each a positive integer")
     if not 0.0 <= args.hard_fraction <= 1.0:
         parser.error(f"--hard-fraction {args.hard_fraction}: a fraction of the batch, 0 to 1")
     if args.out is None:

@@ -101,24 +101,37 @@ def test_a_checkpoint_of_several_students_loads_as_one_model_averaging_their_map
     np.testing.assert_allclose(averaged, (alone[0] + alone[1]) / 2, rtol=0, atol=1e-6)
 
 
-def test_a_student_of_another_width_loads_with_its_own_width_and_a_wrong_width_is_refused(tmp_path):
+def test_a_student_of_another_shape_loads_in_its_own_shape_and_a_wrong_shape_is_refused(tmp_path):
     from wsi_lymph.models.checkpoints import ModelError, ensemble_checkpoint, save_checkpoint_atomic
     from wsi_lymph.models.registry import load_model
 
     torch.manual_seed(3)
     wide = SubpixelStudentNet(input_std=(40.0, 45.0, 35.0), width=48).eval()
+    deep = SubpixelStudentNet(input_std=(40.0, 45.0, 35.0), width=24, dilations=(1, 2, 4, 2, 1, 1),
+                              residual=True).eval()
+    assert deep.halo_px == 13 and abs(deep.flops_per_input_px() - 71724) < 1
     mean = torch.tensor([180.0, 120.0, 170.0]).view(3, 1, 1).expand(3, 32, 32).contiguous()
     meta = {"arch": STUDENT_ARCH, "name": "wide", "threshold": 0.7, "model_mpp": 0.125,
             "channel_order": "BGR", "input_range": 255.0, "class_index": 1}
-    checkpoint = ensemble_checkpoint([(wide, mean)] + _random_student(0), meta)
+    checkpoint = ensemble_checkpoint([(wide, mean), (deep, mean)] + _random_student(0), meta)
     path = save_checkpoint_atomic(checkpoint, tmp_path / "wide.pt")
     model = load_model(str(path))
-    assert [net.width for net, _ in model.members] == [48, 32]
+    assert [net.shape() for net, _ in model.members] == [
+        {"width": 48, "dilations": [2, 4, 1], "residual": False},
+        {"width": 24, "dilations": [1, 2, 4, 2, 1, 1], "residual": True},
+        {"width": 32, "dilations": [2, 4, 1], "residual": False}]
     info = open_slide(SLIDES / "cmu-1-small-region.svs")
     reader = slide_window_reader(info, choose_frame(info))
     box = (2000, 2101, 3001, 3100)
-    expected, _ = window_probabilities(reader, box, [(wide, mean)])
-    np.testing.assert_array_equal(window_probabilities(reader, box, model.members[:1])[0], expected)
+    for saved, loaded in zip((wide, deep), model.members[:2], strict=True):
+        expected, _ = window_probabilities(reader, box, [(saved, mean)])
+        np.testing.assert_array_equal(window_probabilities(reader, box, [loaded])[0], expected)
+    # The deeper residual student's wider halo still makes its blockwise map the whole map.
+    whole, _ = window_probabilities(reader, box, model.members[1:2])
+    assert whole.std() > 1e-3
+    left, _ = window_probabilities(reader, (2000, 2101, 3001, 3050), model.members[1:2])
+    right, _ = window_probabilities(reader, (2000, 2101, 3050, 3100), model.members[1:2])
+    np.testing.assert_allclose(np.hstack([left, right]), whole, rtol=0, atol=2e-6)
 
     checkpoint["members"][0]["width"] = 32  # weights of width 48 under a record that says 32
     save_checkpoint_atomic(checkpoint, tmp_path / "mislabelled.pt")
@@ -128,6 +141,15 @@ def test_a_student_of_another_width_loads_with_its_own_width_and_a_wrong_width_i
     save_checkpoint_atomic(checkpoint, tmp_path / "nonsense.pt")
     with pytest.raises(ModelError, match=r"nonsense.pt \(member 1\): width 'wide' is not a positive number"):
         load_model(str(tmp_path / "nonsense.pt"))
+    checkpoint["members"][0]["width"] = 48
+    checkpoint["members"][1]["dilations"] = [1, 2, 4]  # fewer layers than the weights hold
+    save_checkpoint_atomic(checkpoint, tmp_path / "shallower.pt")
+    with pytest.raises(ModelError, match=r"shallower.pt \(member 2\): weights do not fit"):
+        load_model(str(tmp_path / "shallower.pt"))
+    checkpoint["members"][1]["dilations"] = [1, 0]
+    save_checkpoint_atomic(checkpoint, tmp_path / "zero.pt")
+    with pytest.raises(ModelError, match=r"zero.pt \(member 2\): dilations \[1, 0\] are not one positive"):
+        load_model(str(tmp_path / "zero.pt"))
 
 
 def test_the_student_reads_the_slide_at_20x_without_resampling():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -67,9 +68,9 @@ class Architecture:
     takes_input_std: bool = False
     caffe_layers: tuple[str, ...] = ()
 
-    def build(self, input_std: Sequence[float] | None = None, **shape: int) -> nn.Module:
+    def build(self, input_std: Sequence[float] | None = None, **shape: Any) -> nn.Module:
         """An untrained network (``input_std``: (3,) B, G, R on the 0-255 scale, for networks that take it;
-        ``shape``: keyword arguments of the network's size, e.g. a student's ``width``)."""
+        ``shape``: keyword arguments of the network's shape, e.g. a student's ``width`` and ``dilations``)."""
         if self.takes_input_std:
             std = tuple(float(s) for s in (input_std if input_std is not None else (1.0, 1.0, 1.0)))
             return self.network(std, **shape)

@@ -59,10 +59,10 @@ def save_checkpoint_atomic(checkpoint: dict[str, Any], out_path: str | os.PathLi
 
 def ensemble_checkpoint(members: list[tuple[nn.Module, torch.Tensor]], meta: dict[str, Any]) -> dict[str, Any]:
     """The checkpoint dict of ``members`` (network, mean image) under one ``meta``: format 1 for one network,
-    format 2 for several (``meta["format"]`` is set accordingly).  A network with a ``width`` (the student)
-    has it recorded beside its weights, so that it is rebuilt at that width."""
+    format 2 for several (``meta["format"]`` is set accordingly).  A network with a ``shape()`` (the student:
+    width, dilations, residual) has it recorded beside its weights, so that it is rebuilt in that shape."""
     records = [{"state_dict": {k: v.contiguous() for k, v in net.state_dict().items()}, "mean_bgr": mean,
-                **({"width": net.width} if hasattr(net, "width") else {})}
+                **(net.shape() if hasattr(net, "shape") else {})}
                for net, mean in members]
     if len(records) == 1:
         return {**records[0], "meta": {**meta, "format": CHECKPOINT_FORMAT}}
@@ -158,6 +158,24 @@ def load_checkpoint_members(
     return members, meta
 
 
+#: Keys of a checkpoint's network record that give a student's shape (:meth:`SubpixelStudentNet.shape`).
+STUDENT_SHAPE_KEYS = ("width", "dilations", "residual")
+
+
+def _shape_problem(shape: dict) -> str:
+    """What is wrong with a recorded student shape, or "" where nothing is."""
+    width = shape.get("width", 4)
+    if not (isinstance(width, int) and not isinstance(width, bool) and width >= 4):
+        return f"width {width!r} is not a positive number of channels (4 or more)"
+    dilations = shape.get("dilations", [1])
+    if not (isinstance(dilations, list | tuple) and dilations
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dilations)):
+        return f"dilations {dilations!r} are not one positive integer per inner layer"
+    if not isinstance(shape.get("residual", False), bool):
+        return f"residual {shape['residual']!r} is not true or false"
+    return ""
+
+
 def _build(path: Path, arch: str, record: dict, device: str, member: int | None) -> tuple[nn.Module, torch.Tensor]:
     """One network of a checkpoint, its weights and mean image checked."""
     where = f"{path}" if member is None else f"{path} (member {member})"
@@ -166,10 +184,11 @@ def _build(path: Path, arch: str, record: dict, device: str, member: int | None)
     if not isinstance(mean, torch.Tensor) or tuple(mean.shape) != MEAN_SHAPE:
         shape = tuple(mean.shape) if isinstance(mean, torch.Tensor) else type(mean).__name__
         raise ModelError(f"{where}: mean image has shape {shape}, expected {MEAN_SHAPE}")
-    # Students record their width (checkpoints written before 2026-12-05 do not: they are all of the default width).
-    shape = {"width": record["width"]} if "width" in record else {}
-    if shape and not (isinstance(shape["width"], int) and shape["width"] >= 4):
-        raise ModelError(f"{where}: width {shape['width']!r} is not a positive number of channels (4 or more)")
+    # Students record their shape (checkpoints written before 2026-12-05 do not: they all have the default one).
+    shape = {key: record[key] for key in STUDENT_SHAPE_KEYS if key in record}
+    problem = _shape_problem(shape)
+    if problem:
+        raise ModelError(f"{where}: {problem}")
     try:
         net = entry.build(**shape)
     except TypeError as exc:

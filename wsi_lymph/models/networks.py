@@ -377,7 +377,7 @@ class SubpixelStudentNet(nn.Module):
     of it, so a map computed block by block (each block read with that halo)
     equals the whole-image map.
 
-    Layers (per input pixel, multiply-adds)::
+    Layers (per input pixel, multiply-adds), with the default ``dilations`` (2, 4, 1)::
 
         conv 3x3 3->w1                 27 w1
         conv 3x3 w1->w, relu           9 w1 w
@@ -385,6 +385,9 @@ class SubpixelStudentNet(nn.Module):
         conv 3x3 dilation 4 w->w, relu 9 w^2
         conv 3x3 w->w, relu            9 w^2
         conv 1x1 w->16, pixel shuffle 4 -> one logit per model-frame pixel
+
+    Other ``dilations`` give other inner w->w layers (``conv3``, ``conv4``, ...),
+    e.g. a deeper student of the same cost at a smaller width (BENCHMARKS.md).
 
     Inputs are BGR 0-255 minus the per-channel mean (the checkpoint's
     ``mean_bgr``), divided inside by ``input_std`` (like :class:`DensePatchNet`).
@@ -395,37 +398,57 @@ class SubpixelStudentNet(nn.Module):
         Per-channel (B, G, R) standard deviation of training pixels, 0-255 scale.
     width : int
         Channels of the inner layers (``w``); ``w1 = 3 w / 4``.
+    dilations : sequence of int
+        Dilation of each inner 3x3 w->w layer, in order.
+    residual : bool
+        Each inner layer adds its input (cropped by the ``d`` pixels each side
+        its valid convolution drops) to its output.
+
+    Attributes
+    ----------
+    halo_px : int
+        Input pixels each side that one output reads beyond its own input pixel:
+        ``2 + sum(dilations)`` (9 for the default shape).
     """
 
     upscale = STUDENT_UPSCALE
-    #: Input pixels each side that one output reads beyond its own input pixel (1 + 1 + 2 + 4 + 1).
-    halo_px = 9
 
-    def __init__(self, input_std: tuple[float, float, float] | list[float] = (1.0, 1.0, 1.0), width: int = 32) -> None:
+    def __init__(self, input_std: tuple[float, float, float] | list[float] = (1.0, 1.0, 1.0), width: int = 32,
+                 dilations: tuple[int, ...] | list[int] = (2, 4, 1), residual: bool = False) -> None:
         super().__init__()
-        self.width = width  # recorded in checkpoints, so a student of another width loads as it was trained
+        if not dilations or not all(isinstance(d, int) and d >= 1 for d in dilations):
+            raise ValueError(f"dilations {dilations!r}: one positive integer per inner layer")
+        # Recorded in checkpoints (shape()), so a student of another shape loads as it was trained.
+        self.width, self.dilations, self.residual = width, tuple(dilations), bool(residual)
+        self.halo_px = 2 + sum(self.dilations)
         first = 3 * width // 4
         self.conv1 = nn.Conv2d(3, first, 3)
         self.conv2 = nn.Conv2d(first, width, 3)
-        self.conv3 = nn.Conv2d(width, width, 3, dilation=2)
-        self.conv4 = nn.Conv2d(width, width, 3, dilation=4)
-        self.conv5 = nn.Conv2d(width, width, 3)
+        for number, dilation in enumerate(self.dilations, start=3):  # conv3, conv4, ...: the shipped weights' names
+            setattr(self, f"conv{number}", nn.Conv2d(width, width, 3, dilation=dilation))
         self.head = nn.Conv2d(width, self.upscale**2, 1)
         self.register_buffer("input_std", torch.as_tensor(input_std, dtype=torch.float32).reshape(3))
 
+    def shape(self) -> dict:
+        """The keyword arguments that rebuild this network's shape (``width``, ``dilations``, ``residual``)."""
+        return {"width": self.width, "dilations": list(self.dilations), "residual": self.residual}
+
+    def _inner(self) -> list[nn.Conv2d]:
+        return [getattr(self, f"conv{number}") for number in range(3, 3 + len(self.dilations))]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (N, 1, 4 (H - 18), 4 (W - 18)) of (N, 3, H, W) input windows (BGR minus the channel mean)."""
+        """Logits (N, 1, 4 (H - 2 halo), 4 (W - 2 halo)) of (N, 3, H, W) input windows (BGR minus the channel mean)."""
         x = self.conv1(x / self.input_std.view(1, 3, 1, 1))
         # In place: the same values, one activation-sized buffer less per layer (3-6% of the forward, BENCHMARKS.md).
         x = F.relu_(self.conv2(x))
-        x = F.relu_(self.conv3(x))
-        x = F.relu_(self.conv4(x))
-        x = F.relu_(self.conv5(x))
+        for conv, d in zip(self._inner(), self.dilations, strict=True):
+            y = F.relu_(conv(x))
+            x = x[:, :, d:-d, d:-d] + y if self.residual else y
         return F.pixel_shuffle(self.head(x), self.upscale)
 
     def flops_per_input_px(self) -> float:
-        """Floating-point operations (2 x multiply-adds) per input pixel, biases and ReLUs not counted."""
-        convs = (self.conv1, self.conv2, self.conv3, self.conv4, self.conv5, self.head)
+        """Floating-point operations (2 x multiply-adds) per input pixel, biases, ReLUs and additions not counted."""
+        convs = (self.conv1, self.conv2, *self._inner(), self.head)
         return float(sum(2 * c.in_channels * c.out_channels * c.kernel_size[0] * c.kernel_size[1] for c in convs))
 
 
