@@ -22,12 +22,13 @@ A trained variant is also written as a checkpoint, ``--out``/model.pt (the shipp
 each network's shape; those written before 2026-12-05 did not, and a wider one of them does not load). For each,
 leave-one-crop-out F on the three annotated crops (as the model card), and on held-out and training images the map
 correlation with the teacher and the concordance F (3 µm) at the student's threshold and at 0.70 (the best matched
-threshold of the shipped student). The teacher's threshold is the paper's, 0.7706.
+threshold of the shipped student). The teacher's threshold is the paper's, 0.7706. ``--margin-px N`` adds the map
+correlation without the ``N``-px border band of model-frame pixels (where both networks read the mirrored edge).
 
 Usage (one process, two threads; a ``further`` run of 4,000 steps takes ~7 min on a 2-core VM)::
 
     .venv/bin/python bench/student_fidelity.py --work distill/ --variant further --iterations 4000 \\
-        --stain-jitter 0 --scale-jitter 0 --out fidelity-further/
+        --stain-jitter 0 --scale-jitter 0 --out fidelity-further/ [--margin-px 44]
 """
 
 from __future__ import annotations
@@ -209,12 +210,16 @@ def main() -> None:
                         "teacher's centres in --hard-band (default 0: all crops uniform)")
     parser.add_argument("--hard-band", type=float, nargs=2, default=(0.6, 0.9), metavar=("LOW", "HIGH"),
                         help="smoothed teacher P of the centres --hard-fraction draws around (default 0.6 0.9)")
+    parser.add_argument("--margin-px", type=int, default=0,
+                        help="also print the map correlation without this border band of model-frame px (0: not)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     if args.smoothed_loss and args.variant not in ("further", "wider"):
         parser.error("--smoothed-loss trains a student: it goes with --variant further or wider")
     if args.hard_fraction and args.variant not in ("further", "wider"):
         parser.error("--hard-fraction trains a student: it goes with --variant further or wider")
+    if args.margin_px < 0:
+        parser.error(f"--margin-px {args.margin_px}: a number of pixels, 0 or more")
     if min(args.dilations) < 1:
         parser.error(f"--dilations {' '.join(map(str, args.dilations))}: each a positive integer")
     if not 0.0 <= args.hard_fraction <= 1.0:
@@ -228,7 +233,8 @@ def main() -> None:
     if args.variant == "members":
         if not args.members:
             parser.error("--variant members needs --members")
-        score_student([member for path in args.members for member in load_checkpoint_members(path)[0]], args.work)
+        score_student([member for path in args.members for member in load_checkpoint_members(path)[0]], args.work,
+                      args.margin_px)
         return
     plan = [image for image in read_plan(args.plan) if image.role == "train"]
     # Each training image, and its stain and turned copies where the folder has them (with the teacher's maps).
@@ -237,11 +243,12 @@ def main() -> None:
                for copy in sorted((args.work / "images").glob(f"{image.name}-{kind}*.tif"))
                if (args.work / "teacher" / copy.stem / "prob.zarr").is_dir()]
     pairs = [load_pair(path.stem, path, args.work / "teacher" / path.stem / "prob.zarr") for path in images]
-    score_student([(net.eval(), mean) for net, mean in _student(args, pairs)], args.work)
+    score_student([(net.eval(), mean) for net, mean in _student(args, pairs)], args.work, args.margin_px)
 
 
-def score_student(members: list, work: Path) -> None:
-    """Print the student's leave-one-crop-out F, and its map correlation and concordance with the teacher."""
+def score_student(members: list, work: Path, margin_px: int = 0) -> None:
+    """Print the student's leave-one-crop-out F, and its map correlation (also without the ``margin_px`` border band
+    where that is > 0) and concordance with the teacher."""
     crops = read_dataset(CROPS)
     detections = crop_detections(members, crops, reference_statistics([c.image_path for c in crops]))
     loco = leave_one_crop_out([c.image_id for c in crops], detections,
@@ -249,7 +256,8 @@ def score_student(members: list, work: Path) -> None:
     threshold = loco["threshold_all_crops"]
     print(f"crops, leave one crop out: pooled F {loco['pooled']['f_score']:.3f}; threshold on all three {threshold}")
 
-    print("image (teacher map): map correlation; concordance F (P, R) at the student's threshold | at 0.70")
+    interior = f" (without the {margin_px}-px border)" if margin_px else ""
+    print(f"image (teacher map): map correlation{interior}; concordance F (P, R) at the student's threshold | at 0.70")
     held_out: list[list[DetectionScore]] = [[], []]
     for folder, names in (("teacher-stride2", HELD_OUT), ("teacher", TRAINING)):
         for name in names:
@@ -259,7 +267,8 @@ def score_student(members: list, work: Path) -> None:
             mpp = choose_frame(open_slide(image)).mpp
             scores = [concordance(student, teacher, mpp, t, PAPER_THRESHOLD) for t in (threshold, MATCHED_THRESHOLD)]
             role = "held out" if folder == "teacher-stride2" else "training"
-            print(f"{name} ({role}): {scores[0]['map_correlation']:.4f}; "
+            inside = f" ({_interior_correlation(student, teacher, margin_px):.4f})" if margin_px else ""
+            print(f"{name} ({role}): {scores[0]['map_correlation']:.4f}{inside}; "
                   + " | ".join(f"{s['f_score']:.3f} ({s['precision']:.2f}, {s['recall']:.2f})" for s in scores),
                   flush=True)
             if folder == "teacher-stride2":
@@ -267,6 +276,13 @@ def score_student(members: list, work: Path) -> None:
                     kept.append(DetectionScore.from_dict(score))
     both = " | ".join(f"{pooled(scores).f_score:.3f}" for scores in held_out)
     print(f"held out, pooled concordance F at the student's threshold | at 0.70: {both}")
+
+
+def _interior_correlation(student: np.ndarray, teacher: np.ndarray, margin_px: int) -> float:
+    """Correlation of the two maps over the part both cover, without its ``margin_px`` border band."""
+    rows, cols = (min(a, b) - margin_px for a, b in zip(student.shape, teacher.shape, strict=True))
+    inner = (slice(margin_px, rows), slice(margin_px, cols))
+    return float(np.corrcoef(student[inner].ravel(), teacher[inner].ravel())[0, 1])
 
 
 if __name__ == "__main__":
