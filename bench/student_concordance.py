@@ -21,7 +21,7 @@ linked in, on all ten).
 Usage::
 
     .venv/bin/python bench/student_concordance.py --work distill/ [--model NAME_OR_CHECKPOINT ...] [--threshold T]
-        [--teacher-stride4 DIR] [--errors THRESHOLD] [--margin-px N] [--images NAME ...]
+        [--member K ...] [--teacher-stride4 DIR] [--errors THRESHOLD] [--margin-px N] [--images NAME ...]
     .venv/bin/python bench/student_concordance.py --prepare-more DIR
 """
 
@@ -71,6 +71,8 @@ def main() -> None:
     parser.add_argument("--images", nargs="+", default=["tia", "stardist", "hl-lung"])
     parser.add_argument("--model", nargs="+", default=[DEFAULT_MODEL],
                         help="the student (default: the default model); several: their networks' maps averaged")
+    parser.add_argument("--member", type=int, nargs="+", default=None, metavar="K",
+                        help="score only these networks (1-based, in --model order) of the models' networks")
     parser.add_argument("--threshold", type=float, default=None,
                         help="the student's threshold for the per-image figures (default: the first model's)")
     parser.add_argument("--margin-px", type=int, default=0,
@@ -92,6 +94,10 @@ def main() -> None:
         parser.error("--work is needed (unless --prepare-more)")
     models = [load_model(name) for name in args.model]
     members = [member for model in models for member in model.members]
+    if args.member is not None:
+        if not all(1 <= k <= len(members) for k in args.member):
+            parser.error(f"--member {' '.join(map(str, args.member))}: the models hold networks 1 to {len(members)}")
+        members = [members[k - 1] for k in args.member]
     threshold = models[0].threshold if args.threshold is None else args.threshold
     found, smoothed_teacher, teachers = {}, {}, {}
     for name in args.images:
