@@ -7,9 +7,10 @@ scores one student:
 * ``--variant shipped``: the shipped student as it is;
 * ``--variant further``: one of the shipped student's networks (``--member K``) trained ``--iterations`` more
   steps (learning rate ``--lr``, warm-up and cosine decay as in distillation), with the recipe's augmentations or
-  others (``--stain-jitter``, ``--scale-jitter``), with the distillation loss alone or plus a loss on the two maps
-  smoothed as the peaks see them (``--smoothed-loss WEIGHT``), and with crops drawn uniformly or, for a fraction
-  of each batch, around the teacher's centres near the threshold (``--hard-fraction``, ``--hard-band``);
+  others (``--stain-jitter``, ``--scale-jitter``), the recipe's crops per step or ``--batch-size``, with the
+  distillation loss alone or plus a loss on the two maps smoothed as the peaks see them (``--smoothed-loss
+  WEIGHT``), and with crops drawn uniformly or, for a fraction of each batch, around the teacher's centres near
+  the threshold (``--hard-fraction``, ``--hard-band``);
 * ``--variant wider``: a fresh student of ``--width`` channels (and inner layers of ``--dilations``, with
   ``--residual`` connections: e.g. a deeper one of the shipped cost, ``--width 24 --dilations 1 2 4 2 1 1``)
   trained with the shipped recipe (``--iterations`` steps, other augmentations, losses and crops as for
@@ -114,6 +115,8 @@ def _student(args, pairs) -> list[tuple[SubpixelStudentNet, torch.Tensor]]:
         recipe = replace(recipe, stain_jitter=args.stain_jitter)
     if args.scale_jitter is not None:
         recipe = replace(recipe, scale_jitter=args.scale_jitter)
+    if args.batch_size is not None:
+        recipe = replace(recipe, batch_size=args.batch_size)
     if args.flip_rotate is not None:
         recipe = replace(recipe, flip_rotate=args.flip_rotate)
     started = time.perf_counter()
@@ -198,6 +201,7 @@ def main() -> None:
                         help="the recipe field flip_rotate (default: the recipe's, off)")
     parser.add_argument("--stain-jitter", type=float, default=None, help="default: the recipe's")
     parser.add_argument("--scale-jitter", type=float, default=None, help="default: the recipe's")
+    parser.add_argument("--batch-size", type=int, default=None, help="crops per step (default: the recipe's)")
     parser.add_argument("--plan", type=Path, default=ROOT / "docs" / "distill-plan.json",
                         help="the plan the work folder was made from (default: the shipped student's)")
     parser.add_argument("--smoothed-loss", type=float, default=0.0, metavar="WEIGHT",
@@ -218,6 +222,8 @@ def main() -> None:
         parser.error("--smoothed-loss trains a student: it goes with --variant further or wider")
     if args.hard_fraction and args.variant not in ("further", "wider"):
         parser.error("--hard-fraction trains a student: it goes with --variant further or wider")
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error(f"--batch-size {args.batch_size}: one crop or more")
     if args.margin_px < 0:
         parser.error(f"--margin-px {args.margin_px}: a number of pixels, 0 or more")
     if min(args.dilations) < 1:
