@@ -109,8 +109,9 @@ def _student(args, pairs) -> list[tuple[SubpixelStudentNet, torch.Tensor]]:
         recipe = replace(recipe, iterations=args.iterations or recipe.iterations,
                          seed=recipe.seed if args.seed is None else args.seed)
         torch.manual_seed(recipe.seed)
-        net = SubpixelStudentNet(tuple(input_normalisation(pairs)[1]), width=args.width,
-                                 dilations=tuple(args.dilations), residual=args.residual)
+        inner = {"dilations": tuple(args.dilations)} if args.dilations else {}  # else the network's default
+        net = SubpixelStudentNet(tuple(input_normalisation(pairs)[1]), width=args.width, residual=args.residual,
+                                 **inner)
     if args.stain_jitter is not None:
         recipe = replace(recipe, stain_jitter=args.stain_jitter)
     if args.scale_jitter is not None:
@@ -193,7 +194,7 @@ def main() -> None:
                         help="steps of --variant further (default 4000) or wider (default: the recipe's)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of --variant further")
     parser.add_argument("--width", type=int, default=48, help="channels of --variant wider")
-    parser.add_argument("--dilations", type=int, nargs="+", default=[2, 4, 1],
+    parser.add_argument("--dilations", type=int, nargs="+", default=None,
                         help="dilation of each inner layer of --variant wider (default: the shipped 2 4 1)")
     parser.add_argument("--residual", action="store_true", help="--variant wider with residual inner layers")
     parser.add_argument("--seed", type=int, default=None, help="seed of --variant wider (default: the recipe's)")
@@ -222,12 +223,16 @@ def main() -> None:
         parser.error("--smoothed-loss trains a student: it goes with --variant further or wider")
     if args.hard_fraction and args.variant not in ("further", "wider"):
         parser.error("--hard-fraction trains a student: it goes with --variant further or wider")
+    if (args.dilations or args.residual) and args.variant != "wider":
+        parser.error("--dilations and --residual shape a fresh student: they go with --variant wider")
+    if args.dilations and min(args.dilations) < 1:
+        parser.error(f"--dilations {' '.join(map(str, args.dilations))}: each a positive integer")
+    if args.batch_size is not None and args.variant not in ("further", "wider"):
+        parser.error("--batch-size trains a student: it goes with --variant further or wider")
     if args.batch_size is not None and args.batch_size < 1:
         parser.error(f"--batch-size {args.batch_size}: one crop or more")
     if args.margin_px < 0:
         parser.error(f"--margin-px {args.margin_px}: a number of pixels, 0 or more")
-    if min(args.dilations) < 1:
-        parser.error(f"--dilations {' '.join(map(str, args.dilations))}: each a positive integer")
     if not 0.0 <= args.hard_fraction <= 1.0:
         parser.error(f"--hard-fraction {args.hard_fraction}: a fraction of the batch, 0 to 1")
     if args.out is None:

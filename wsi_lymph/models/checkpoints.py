@@ -162,20 +162,6 @@ def load_checkpoint_members(
 STUDENT_SHAPE_KEYS = ("width", "dilations", "residual")
 
 
-def _shape_problem(shape: dict) -> str:
-    """What is wrong with a recorded student shape, or "" where nothing is."""
-    width = shape.get("width", 4)
-    if not (isinstance(width, int) and not isinstance(width, bool) and width >= 4):
-        return f"width {width!r} is not a positive number of channels (4 or more)"
-    dilations = shape.get("dilations", [1])
-    if not (isinstance(dilations, list | tuple) and dilations
-            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dilations)):
-        return f"dilations {dilations!r} are not one positive integer per inner layer"
-    if not isinstance(shape.get("residual", False), bool):
-        return f"residual {shape['residual']!r} is not true or false"
-    return ""
-
-
 def _build(path: Path, arch: str, record: dict, device: str, member: int | None) -> tuple[nn.Module, torch.Tensor]:
     """One network of a checkpoint, its weights and mean image checked."""
     where = f"{path}" if member is None else f"{path} (member {member})"
@@ -186,13 +172,12 @@ def _build(path: Path, arch: str, record: dict, device: str, member: int | None)
         raise ModelError(f"{where}: mean image has shape {shape}, expected {MEAN_SHAPE}")
     # Students record their shape (checkpoints written before 2026-12-05 do not: they all have the default one).
     shape = {key: record[key] for key in STUDENT_SHAPE_KEYS if key in record}
-    problem = _shape_problem(shape)
-    if problem:
-        raise ModelError(f"{where}: {problem}")
     try:
         net = entry.build(**shape)
     except TypeError as exc:
         raise ModelError(f"{where}: the {arch} network takes no {', '.join(shape)}: {exc}") from exc
+    except ValueError as exc:  # the network's own check of its shape
+        raise ModelError(f"{where}: {exc}") from exc
     if entry.per_channel_mean:
         try:
             channel_mean(mean)

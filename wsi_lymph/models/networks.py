@@ -416,8 +416,14 @@ class SubpixelStudentNet(nn.Module):
     def __init__(self, input_std: tuple[float, float, float] | list[float] = (1.0, 1.0, 1.0), width: int = 32,
                  dilations: tuple[int, ...] | list[int] = (2, 4, 1), residual: bool = False) -> None:
         super().__init__()
-        if not dilations or not all(isinstance(d, int) and d >= 1 for d in dilations):
-            raise ValueError(f"dilations {dilations!r}: one positive integer per inner layer")
+        # The one check of a student's shape: checkpoints hand theirs straight to this constructor.
+        if not (isinstance(width, int) and not isinstance(width, bool) and width >= 4):
+            raise ValueError(f"width {width!r} is not a positive number of channels (4 or more)")
+        if not (isinstance(dilations, list | tuple) and dilations
+                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dilations)):
+            raise ValueError(f"dilations {dilations!r} are not one positive integer per inner layer")
+        if not isinstance(residual, bool):
+            raise ValueError(f"residual {residual!r} is not true or false")
         # Recorded in checkpoints (shape()), so a student of another shape loads as it was trained.
         self.width, self.dilations, self.residual = width, tuple(dilations), bool(residual)
         self.halo_px = 2 + sum(self.dilations)
