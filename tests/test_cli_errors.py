@@ -393,7 +393,7 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes_to_identical_outputs(
     deadline = time.monotonic() + 300
     while not (manifest.is_file() and len(manifest.read_text().splitlines()) >= 2):
         assert run.poll() is None and time.monotonic() < deadline, "the run ended before it could be interrupted"
-        time.sleep(0.1)
+        time.sleep(0.02)
     os.killpg(run.pid, signal.SIGINT)
     stdout, stderr = run.communicate(timeout=120)
     assert run.returncode == 130, stdout + stderr
