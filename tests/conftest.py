@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,34 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.shared_data)
         if not DATA.is_dir() and item.get_closest_marker("shared_data"):
             item.add_marker(missing)
+
+
+def _semaphores_mapped() -> set[str]:
+    """Names of the ``/dev/shm`` semaphores that some live process has open (a named semaphore is mapped)."""
+    names: set[str] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            names.update(re.findall(r"/dev/shm/(sem\.mp-\S+)", maps.read_text()))
+        except OSError:  # it ended while we looked, or is not ours to read
+            continue
+    return names
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _unlink_semaphores_of_killed_runs():
+    """Remove the named semaphores that runs killed by the tests left in ``/dev/shm``.
+
+    A SIGKILL of a run's process group kills multiprocessing's resource tracker too, which would have unlinked the
+    semaphores of the run's spawned workers; without this every suite would leave a few dozen behind.  Only those
+    made during the session that no live process holds are removed.
+    """
+    shm = Path("/dev/shm")
+    before = {path.name for path in shm.glob("sem.mp-*")}
+    yield
+    held = _semaphores_mapped()
+    for path in shm.glob("sem.mp-*"):
+        if path.name not in before and path.name not in held:
+            path.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")
