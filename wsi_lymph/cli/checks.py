@@ -12,6 +12,7 @@ import argparse
 import math
 import os
 import socket
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -163,8 +164,13 @@ def check_out_folder(path: Path, option: str = "--out") -> None:
         existing = existing.parent
     if not existing.is_dir():
         raise UsageError(f"{option} {path}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{option} {path}: cannot write in {existing} (permission denied)")
+    # Try it rather than ask os.access: root passes every permission check, yet cannot write in /proc or on a
+    # read-only mount.  The probe folder goes again at once.
+    try:
+        probe = tempfile.mkdtemp(prefix=".wsi-lymph-write-check-", dir=existing)
+    except OSError as error:
+        raise UsageError(f"{option} {path}: cannot write in {existing} ({error.strerror or error})") from None
+    os.rmdir(probe)
 
 
 def check_out_file(path: Path, option: str = "--out") -> None:
