@@ -85,6 +85,7 @@ def _usage_cases(tmp: Path) -> list[tuple[list[str], str]]:
         (["evaluate", str(tmp), str(CROPS), "--tolerance-um", "0"], "--tolerance-um"),
         (["evaluate", str(tmp), str(CROPS), "--mpp", "0"], "--mpp"),
         (["evaluate", str(tmp), str(CROPS), "--json", str(tmp)], "--json"),
+        (["evaluate", str(tmp), str(CROPS), "--json", "/proc/wsi-lymph-report.json"], "--json /proc/"),
         # Found while reading the inputs, before the table starts (the table's header was printed first).
         (["evaluate", str(tmp / "centers.csv"), str(tmp / "truth.csv")], "pass --mpp"),
         (["evaluate", str(tmp / "centers.csv"), str(tmp / "truth.csv"), "--mpp", "0.5", "--sweep"], "--sweep"),
@@ -234,18 +235,19 @@ def test_demo_without_models_names_model_source(tmp_path):
 
 
 def test_an_error_inside_a_run_is_one_line_and_the_traceback_goes_to_the_log(tmp_path):
-    """An error nobody foresaw (here: writing the report into /proc) is one line naming the log file; --debug
-    prints the traceback as well."""
+    """An error nobody foresaw (here: a report file name longer than the file system allows, in a folder that
+    can be written) is one line naming the log file; --debug prints the traceback as well."""
     (tmp_path / "centers.csv").write_text("x,y\n10,10\n40,40\n")
     (tmp_path / "truth.csv").write_text("x,y\n10,11\n")
     env = os.environ.copy() | {"WSI_LYMPH_CACHE": str(tmp_path / "cache")}
+    report = tmp_path / ("r" * 300 + ".json")  # NAME_MAX is 255 bytes
     argv = ["evaluate", str(tmp_path / "centers.csv"), str(tmp_path / "truth.csv"), "--mpp", "0.5",
-            "--json", "/proc/wsi-lymph-report.json"]
+            "--json", str(report)]
     run = _cli(*argv, env=env, cwd=tmp_path)
     log = tmp_path / "cache" / "logs" / "wsi-lymph.log"
     assert run.returncode == 1, run.stderr
     assert run.stderr.count("\n") == 1 and "Traceback" not in run.stdout + run.stderr, run.stderr
-    assert run.stderr.startswith("wsi-lymph evaluate: /proc/") and f"traceback in {log}" in run.stderr
+    assert run.stderr.startswith(f"wsi-lymph evaluate: {tmp_path}/") and f"traceback in {log}" in run.stderr
     assert "--debug prints it" in run.stderr
     assert "Traceback (most recent call last)" in log.read_text()
 

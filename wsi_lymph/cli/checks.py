@@ -157,27 +157,32 @@ def check_out_folder(path: Path, option: str = "--out") -> None:
     writable folder)."""
     if path.exists() and not path.is_dir():
         raise UsageError(f"{option} {path}: is an existing file; {option} names a folder (created if missing)")
-    existing = path
-    while not existing.exists():
-        if existing.parent == existing:
-            break
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UsageError(f"{option} {path}: {existing} is a file, not a folder")
-    # Try it rather than ask os.access: root passes every permission check, yet cannot write in /proc or on a
-    # read-only mount.  The probe folder goes again at once.
-    try:
-        probe = tempfile.mkdtemp(prefix=".wsi-lymph-write-check-", dir=existing)
-    except OSError as error:
-        raise UsageError(f"{option} {path}: cannot write in {existing} ({error.strerror or error})") from None
-    os.rmdir(probe)
+    _check_folder_can_be_made(path, option, named=path)
 
 
 def check_out_file(path: Path, option: str = "--out") -> None:
     """``path`` can be an output file: not a folder, and its folder can be made."""
     if path.is_dir():
         raise UsageError(f"{option} {path}: is a folder; {option} names a file here")
-    check_out_folder(path.parent, option)
+    _check_folder_can_be_made(path.parent, option, named=path)
+
+
+def _check_folder_can_be_made(folder: Path, option: str, named: Path) -> None:
+    """``folder`` exists or can be made, and can be written in; errors name ``option`` and ``named``."""
+    existing = folder
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{option} {named}: {existing} is a file, not a folder")
+    # Try it rather than ask os.access: root passes every permission check, yet cannot write in /proc or on a
+    # read-only mount.  The probe folder goes again at once.
+    try:
+        probe = tempfile.mkdtemp(prefix=".wsi-lymph-write-check-", dir=existing)
+    except OSError as error:
+        raise UsageError(f"{option} {named}: cannot write in {existing} ({error.strerror or error})") from None
+    os.rmdir(probe)
 
 
 def check_exists(path: Path, what: str, *, folder: bool | None = None) -> None:
