@@ -93,8 +93,9 @@ def _run_batch(args: argparse.Namespace, command: str) -> int:
         print(f"wsi-lymph {command}: nothing to analyse in {', '.join(map(str, search.empty))}: no {wanted}"
               + (f"; {skipped}" if skipped else ""), file=sys.stderr)
         return 2
-    if skipped:
-        print(skipped)
+    for line in (skipped, search.repeated_line()):
+        if line:
+            print(line)
     slides = search.slides
     checks.check_region_inside(args.region, slides, args.mpp)
     from wsi_lymph.models.checkpoints import ModelError

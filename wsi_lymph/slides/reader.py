@@ -342,11 +342,15 @@ class SlideSearch:
         ``"parts of a .vms slide"``, ``"not a slide or image"``, ``"not matching --glob"``.
     empty : list of Path
         Folders that gave nothing to analyse.
+    repeated : list of Path
+        Files reached a second time (named twice, named and in a folder given too, or a link to one already
+        taken): each is analysed once, under its first name.
     """
 
     slides: list[Path] = field(default_factory=list)
     skipped: dict[str, list[str]] = field(default_factory=dict)
     empty: list[Path] = field(default_factory=list)
+    repeated: list[Path] = field(default_factory=list)
 
     def skipped_line(self, shown: int = 4) -> str | None:
         """One line listing the skipped files by reason (None when none were skipped)."""
@@ -360,6 +364,14 @@ class SlideSearch:
             parts.append(f"{reason}: {listed}")
         return f"skipped {total} file{'s' if total > 1 else ''} in the folders (--glob PATTERN chooses files) - " + \
             "; ".join(parts)
+
+    def repeated_line(self, shown: int = 4) -> str | None:
+        """One line naming the files given more than once (None when there are none)."""
+        if not self.repeated:
+            return None
+        names = [str(path) for path in self.repeated]
+        listed = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+        return f"given more than once, analysed once: {listed}"
 
 
 _SKIP_ORDER = ["annotations", "parts of a .vms slide", "not a slide or image", "not matching --glob", "hidden"]
@@ -411,6 +423,8 @@ def scan_slides(paths: list[str | os.PathLike], pattern: str | None = None) -> S
       shell pattern matched case-sensitively against file names, e.g. ``"*.svs"``) replaces
       those rules: a folder then gives its non-hidden files whose name matches.
     * A path that does not exist is kept, so that it is reported as missing.
+    * A file reached again (the same real file: named twice, named and inside a folder given too, or a
+      link to it) is taken once, at its first place; the others are listed in ``repeated``.
 
     Parameters
     ----------
@@ -424,9 +438,20 @@ def scan_slides(paths: list[str | os.PathLike], pattern: str | None = None) -> S
     SlideSearch
     """
     search = SlideSearch()
+    taken: set[str] = set()
+
+    def take(path: Path) -> None:
+        # Two runs of one file would write two result folders (case, case-2) of the same slide.
+        real = os.path.realpath(path)
+        if real in taken:
+            search.repeated.append(path)
+        else:
+            taken.add(real)
+            search.slides.append(path)
+
     for entry in map(Path, paths):
         if not entry.is_dir():
-            search.slides.append(entry)
+            take(entry)
             continue
         found = []
         files = sorted(p for p in entry.iterdir() if p.is_file())
@@ -437,7 +462,8 @@ def scan_slides(paths: list[str | os.PathLike], pattern: str | None = None) -> S
                 found.append(path)
             else:
                 search.skipped.setdefault(reason, []).append(path.name)
-        search.slides.extend(found)
+        for path in found:
+            take(path)
         if not found:
             search.empty.append(entry)
     return search
