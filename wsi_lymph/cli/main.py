@@ -93,9 +93,6 @@ def _run_batch(args: argparse.Namespace, command: str) -> int:
         print(f"wsi-lymph {command}: nothing to analyse in {', '.join(map(str, search.empty))}: no {wanted}"
               + (f"; {skipped}" if skipped else ""), file=sys.stderr)
         return 2
-    for line in (skipped, search.repeated_line()):
-        if line:
-            print(line)
     slides = search.slides
     checks.check_region_inside(args.region, slides, args.mpp)
     from wsi_lymph.models.checkpoints import ModelError
@@ -110,6 +107,9 @@ def _run_batch(args: argparse.Namespace, command: str) -> int:
         return 1
     workers = args.workers or default_workers()
     params = _probmap_params(args, workers)
+    for line in (skipped, search.repeated_line()):  # after every usage check: an error stays one line alone
+        if line:
+            print(line)
     options = dict(model=args.model, mpp=args.mpp, params=params, model_source=args.model_source, force=args.force,
                    check_stain=not args.no_stain_check, log=_say)
     report_error = ""
