@@ -239,20 +239,20 @@ def test_folder_rules_are_predictable(tmp_path):
 
 
 def test_a_file_given_more_than_once_is_analysed_once_under_its_first_name(tmp_path):
-    # Overlapping shell globs, a folder and a file in it, a link: two runs would write "a" and "a-2" of one slide.
+    # Overlapping shell globs, a folder and a file in it: two runs would write "a" and "a-2" of one slide.
     folder = tmp_path / "slides"
     folder.mkdir()
     for name in ("a.svs", "b.svs"):
         (folder / name).write_bytes(name.encode())
-    (tmp_path / "link.svs").symlink_to(folder / "b.svs")
+    (tmp_path / "link.svs").symlink_to(folder / "b.svs")  # a second name the user gave it: analysed under it too
     (tmp_path / "c.svs").write_bytes(b"b.svs")  # the same bytes in another file: another slide, kept
     given = [folder / "b.svs", folder, folder / "b.svs", tmp_path / "link.svs", tmp_path / "c.svs",
              tmp_path / "slides" / ".." / "slides" / "a.svs"]
     search = scan_slides(given)
-    assert search.slides == [folder / "b.svs", folder / "a.svs", tmp_path / "c.svs"]
-    assert search.repeated == [folder / "b.svs", folder / "b.svs", tmp_path / "link.svs", given[-1]]
+    assert search.slides == [folder / "b.svs", folder / "a.svs", tmp_path / "link.svs", tmp_path / "c.svs"]
+    assert search.repeated == [folder / "b.svs", folder / "b.svs", given[-1]]
     assert search.repeated_line(shown=2) == f"given more than once, analysed once: {folder / 'b.svs'}, " \
-                                            f"{folder / 'b.svs'} and 2 more"
+                                            f"{folder / 'b.svs'} and 1 more"
     assert scan_slides([folder]).repeated == [] and scan_slides([folder]).repeated_line() is None
 
 

@@ -343,8 +343,8 @@ class SlideSearch:
     empty : list of Path
         Folders that gave nothing to analyse.
     repeated : list of Path
-        Files reached a second time (named twice, named and in a folder given too, or a link to one already
-        taken): each is analysed once, under its first name.
+        Files reached a second time by the same path (named twice, or named and in a folder given too): each
+        is analysed once, where it came first.
     """
 
     slides: list[Path] = field(default_factory=list)
@@ -423,8 +423,10 @@ def scan_slides(paths: list[str | os.PathLike], pattern: str | None = None) -> S
       shell pattern matched case-sensitively against file names, e.g. ``"*.svs"``) replaces
       those rules: a folder then gives its non-hidden files whose name matches.
     * A path that does not exist is kept, so that it is reported as missing.
-    * A file reached again (the same real file: named twice, named and inside a folder given too, or a
-      link to it) is taken once, at its first place; the others are listed in ``repeated``.
+    * A file reached again by the same path (named twice, or named and inside a folder given too; paths
+      compared absolute, ``..`` folded) is taken once, where it came first; the others are listed in
+      ``repeated``.  Links are not followed for this: a link under another name is the user's second name
+      for a slide (a cohort folder of links, say) and is analysed under that name too.
 
     Parameters
     ----------
@@ -441,12 +443,12 @@ def scan_slides(paths: list[str | os.PathLike], pattern: str | None = None) -> S
     taken: set[str] = set()
 
     def take(path: Path) -> None:
-        # Two runs of one file would write two result folders (case, case-2) of the same slide.
-        real = os.path.realpath(path)
-        if real in taken:
+        # Two runs of one path would write two result folders (case, case-2) of the same slide.
+        absolute = os.path.abspath(path)
+        if absolute in taken:
             search.repeated.append(path)
         else:
-            taken.add(real)
+            taken.add(absolute)
             search.slides.append(path)
 
     for entry in map(Path, paths):
