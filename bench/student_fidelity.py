@@ -225,8 +225,11 @@ def main() -> None:
         parser.error("--hard-fraction trains a student: it goes with --variant further or wider")
     if (args.dilations or args.residual) and args.variant != "wider":
         parser.error("--dilations and --residual shape a fresh student: they go with --variant wider")
-    if args.dilations and min(args.dilations) < 1:
-        parser.error(f"--dilations {' '.join(map(str, args.dilations))}: each a positive integer")
+    if args.variant == "wider":
+        try:  # the network's own check of its shape, before any image is read
+            SubpixelStudentNet(width=args.width, **({"dilations": args.dilations} if args.dilations else {}))
+        except ValueError as error:
+            parser.error(f"--width/--dilations: {error}")
     if args.batch_size is not None and args.variant not in ("further", "wider"):
         parser.error("--batch-size trains a student: it goes with --variant further or wider")
     if args.batch_size is not None and args.batch_size < 1:

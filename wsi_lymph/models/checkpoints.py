@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from wsi_lymph.models.architectures import ARCHITECTURES
-from wsi_lymph.models.networks import channel_mean
+from wsi_lymph.models.networks import SubpixelStudentNet, channel_mean
 
 # torch.load warns about a pickle protocol its safe unpickler "might not support" (asking to file an issue) only for
 # files torch.save did not write: foreign or corrupt ones, which load_checkpoint refuses in one line anyway.
@@ -158,10 +158,6 @@ def load_checkpoint_members(
     return members, meta
 
 
-#: Keys of a checkpoint's network record that give a student's shape (:meth:`SubpixelStudentNet.shape`).
-STUDENT_SHAPE_KEYS = ("width", "dilations", "residual")
-
-
 def _build(path: Path, arch: str, record: dict, device: str, member: int | None) -> tuple[nn.Module, torch.Tensor]:
     """One network of a checkpoint, its weights and mean image checked."""
     where = f"{path}" if member is None else f"{path} (member {member})"
@@ -171,7 +167,7 @@ def _build(path: Path, arch: str, record: dict, device: str, member: int | None)
         shape = tuple(mean.shape) if isinstance(mean, torch.Tensor) else type(mean).__name__
         raise ModelError(f"{where}: mean image has shape {shape}, expected {MEAN_SHAPE}")
     # Students record their shape (checkpoints written before 2026-12-05 do not: they all have the default one).
-    shape = {key: record[key] for key in STUDENT_SHAPE_KEYS if key in record}
+    shape = {key: record[key] for key in SubpixelStudentNet.SHAPE_KEYS if key in record}
     try:
         net = entry.build(**shape)
     except TypeError as exc:

@@ -412,6 +412,8 @@ class SubpixelStudentNet(nn.Module):
     """
 
     upscale = STUDENT_UPSCALE
+    #: The constructor's arguments that make a student's shape: what :meth:`shape` returns and checkpoints record.
+    SHAPE_KEYS = ("width", "dilations", "residual")
 
     def __init__(self, input_std: tuple[float, float, float] | list[float] = (1.0, 1.0, 1.0), width: int = 32,
                  dilations: tuple[int, ...] | list[int] = (2, 4, 1), residual: bool = False) -> None:
@@ -437,7 +439,7 @@ class SubpixelStudentNet(nn.Module):
 
     def shape(self) -> dict:
         """The keyword arguments that rebuild this network's shape (``width``, ``dilations``, ``residual``)."""
-        return {"width": self.width, "dilations": list(self.dilations), "residual": self.residual}
+        return {key: getattr(self, key) for key in self.SHAPE_KEYS} | {"dilations": list(self.dilations)}
 
     def _inner(self) -> list[nn.Conv2d]:
         return [getattr(self, f"conv{number}") for number in range(3, 3 + len(self.dilations))]

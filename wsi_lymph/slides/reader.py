@@ -357,11 +357,8 @@ class SlideSearch:
         if not self.skipped:
             return None
         total = sum(map(len, self.skipped.values()))
-        parts = []
-        for reason in sorted(self.skipped, key=_SKIP_ORDER.index):
-            names = self.skipped[reason]
-            listed = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
-            parts.append(f"{reason}: {listed}")
+        parts = [f"{reason}: {_listed(self.skipped[reason], shown)}"
+                 for reason in sorted(self.skipped, key=_SKIP_ORDER.index)]
         return f"skipped {total} file{'s' if total > 1 else ''} in the folders (--glob PATTERN chooses files) - " + \
             "; ".join(parts)
 
@@ -369,9 +366,12 @@ class SlideSearch:
         """One line naming the files given more than once (None when there are none)."""
         if not self.repeated:
             return None
-        names = [str(path) for path in self.repeated]
-        listed = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
-        return f"given more than once, analysed once: {listed}"
+        return f"given more than once, analysed once: {_listed(list(map(str, self.repeated)), shown)}"
+
+
+def _listed(names: list[str], shown: int) -> str:
+    """``a, b, c and 2 more``: the first ``shown`` names and how many are left out."""
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 _SKIP_ORDER = ["annotations", "parts of a .vms slide", "not a slide or image", "not matching --glob", "hidden"]
