@@ -14,6 +14,9 @@ by row instead of by the distance transform.  The third way, ``float``, is the s
 the current code with the float64 smoothing (summed in ``ndimage.convolve``'s order, every pixel of a block where
 more than 1/8 could pass) and the distance transform swapped back in.
 
+Since then blocks and windows also run the greedy's settling rounds before linking (``bench/peak_settling.py``
+compares the stage with and without them); ``float`` and ``now`` both have them, ``previous`` does not.
+
 This bench runs the three on every 2,048-px block of a stored map (the earlier ways are re-implemented here as
 references), checks that the two float ways give identical centres, prints the centres in which the integer way
 differs from them (it may break an exact tie differently: float summation order makes one of two equal values
@@ -52,6 +55,7 @@ from wsi_lymph.detection.peaks import (
     border_windows,
     disk_kernel,
     greedy_component,
+    linking_reach_px,
     merge_centres,
     merge_windows,
     read_with_halo,
@@ -62,10 +66,16 @@ from wsi_lymph.engine.centres import plan_peaks
 
 
 def previous_summary(padded: np.ndarray, box: tuple[int, int, int, int], halo_px: int, threshold: float) -> dict:
-    """The block summary as computed before: the whole block smoothed, the distance transform for linking."""
+    """The block summary as computed before: the whole block smoothed, the distance transform for linking.
+
+    It read the smoothing radius plus the linking reach around the block (no settling rounds then): the
+    outer part of today's halo is cut off.
+    """
     kernel = disk_kernel(SMOOTH_RADIUS_PX)
     smooth_half = kernel.shape[0] // 2
-    reach = halo_px - smooth_half
+    reach = linking_reach_px(CLEAR_RADIUS_PX)
+    unused = halo_px - smooth_half - reach
+    padded = padded[unused:-unused, unused:-unused] if unused else padded
     r0, r1, c0, c1 = box
     if padded.max() <= threshold:
         return previous_empty_summary(r1 - r0, c1 - c0)
@@ -122,11 +132,12 @@ def border_join(array, scale: np.float32, shape_rc: tuple[int, int]):
     again from the map (the ``peaks-border`` tasks, run here one after another)."""
     def join(graph, summaries: dict, threshold: float) -> tuple[np.ndarray, np.ndarray]:
         boxes, seeds = border_components(graph, summaries)
-        windows, window_of = merge_windows(border_windows(boxes, shape_rc, graph.halo_px))
+        windows, window_of = merge_windows(border_windows(boxes, shape_rc))
         solved = []
         for k, window in enumerate(windows):
             padded = read_with_halo(array, window, graph.halo_px).astype(np.float32) * scale
-            solved.append(solve_border_components(padded, window, graph.halo_px, seeds[window_of == k], threshold))
+            solved.append(solve_border_components(padded, window, shape_rc, graph.halo_px, seeds[window_of == k],
+                                                  threshold))
         return merge_centres(summaries, solved)
     return join
 
@@ -187,7 +198,10 @@ def main() -> None:
     scale = np.float32(dict(array.attrs)["wsi_lymph"]["value_scale"])
     blocks = {index: (box, read_with_halo(array, box, stage.graph.halo_px).astype(np.float32) * scale)
               for index, box in zip(stage.graph.blocks, stage.graph.boxes, strict=True)}
-    now = (summarise_peak_block, border_join(array, scale, stage.shape_rc))
+    def summarise_now(padded, box, halo_px, threshold):
+        return summarise_peak_block(padded, box, stage.shape_rc, halo_px, threshold)
+
+    now = (summarise_now, border_join(array, scale, stage.shape_rc))
     ways = {"previous": ((previous_summary, previous_join), contextlib.nullcontext),
             "float": (now, float_smoothing), "now": (now, contextlib.nullcontext)}
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in ways}

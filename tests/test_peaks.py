@@ -9,9 +9,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import zarr
+from scipy import ndimage
 
 from wsi_lymph.constants import PAPER_THRESHOLD
-from wsi_lymph.detection.peaks import detect_centers, disk_kernel, greedy_peaks, merge_windows, smooth_probability
+from wsi_lymph.detection.peaks import (
+    SETTLING_ROUNDS,
+    _settle,
+    detect_centers,
+    dilate_by_disk,
+    disk_kernel,
+    greedy_peaks,
+    linking_reach_px,
+    merge_windows,
+    smooth_probability,
+)
 from wsi_lymph.engine.centres import find_centres, peak_block_of_store, plan_border, plan_peaks
 from wsi_lymph.io.probmap_store import computed_blocks_attr
 from wsi_lymph.slides.frame import block_boxes
@@ -115,9 +126,10 @@ def test_blockwise_equals_global_on_hard_maps(client, tmp_path, seed, chunk, pea
 
 @pytest.mark.shared_data
 def test_blockwise_equals_global_with_long_chains_across_blocks(client, tmp_path):
-    # A zig-zag chain of candidates spaced just under the clearing radius over many 32-px blocks.
-    centres = [(40 + (i % 2) * 20, 20 + i * 26) for i in range(14)]
-    prob = _blob_map(centres, (100, 400), np.linspace(1.0, 0.88, 14), radius=7.0)
+    # A chain of lymphocytes spaced under the clearing radius over many 32-px blocks, decreasing: the greedy's
+    # choices alternate along it, each depending on the one before, so the settling rounds decide only its start.
+    centres = [(50, 20 + 20 * i) for i in range(24)]
+    prob = _blob_map(centres, (100, 520), np.linspace(1.0, 0.88, 24), radius=7.0)
     expected = _sorted(detect_centers(prob))
     assert len(expected) >= 7
     for chunk in (32, 45, 64):
@@ -134,11 +146,11 @@ def test_blockwise_equals_global_with_long_chains_across_blocks(client, tmp_path
 
 @pytest.mark.shared_data
 def test_components_solved_in_one_merged_window_are_still_exact(client, tmp_path):
-    # Two parallel chains over many 32-px blocks, just too far apart to link: two components whose windows
-    # overlap so much that one window is labelled for both.
-    rows = [30 + (i % 2) * 14 for i in range(14)]
-    upper = _blob_map([(r, 20 + i * 26) for i, r in enumerate(rows)], (150, 400), np.linspace(1.0, 0.95, 14), 7.0)
-    lower = _blob_map([(r + 48, 33 + i * 26) for i, r in enumerate(rows)], (150, 400), np.linspace(0.95, 1.0, 14),
+    # Two parallel zig-zag chains over many 32-px blocks, just too far apart to link, each too long for the
+    # settling rounds: two components whose windows overlap so much that one window is labelled for both.
+    rows = [30 + (i % 2) * 14 for i in range(20)]
+    upper = _blob_map([(r, 20 + i * 20) for i, r in enumerate(rows)], (150, 440), np.linspace(1.0, 0.95, 20), 7.0)
+    lower = _blob_map([(r + 48, 30 + i * 20) for i, r in enumerate(rows)], (150, 440), np.linspace(0.99, 0.94, 20),
                       7.0)
     prob = np.maximum(upper, lower)
     expected = _sorted(detect_centers(prob))
@@ -149,6 +161,59 @@ def test_components_solved_in_one_merged_window_are_still_exact(client, tmp_path
                             for index, box in zip(stage.graph.blocks, stage.graph.boxes, strict=True)})
     plan_border(stage)
     assert len(stage.border_seeds) == 2 and len(stage.border_windows) == 1
+
+
+def _lymphocyte_sheet(seed: int, shape=(640, 640), spacing: int = 36) -> np.ndarray:
+    """A map packed with lymphocytes as a lymph node is: a jittered grid, some saturated (flat tops: ties)."""
+    rng = np.random.default_rng(seed)
+    grid = np.mgrid[spacing // 2 : shape[0] : spacing, spacing // 2 : shape[1] : spacing].reshape(2, -1).T
+    centres = grid + rng.integers(-6, 7, grid.shape)
+    values = rng.uniform(0.85, 1.15, len(centres))  # above 1: clipped to a plateau of 1
+    prob = _blob_map([tuple(c) for c in centres], shape, values, radius=9.0)
+    return np.clip(prob + rng.uniform(0, 0.02, shape), 0, 1).astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_settled_candidates_are_the_greedys_own_decisions(seed):
+    prob = _lymphocyte_sheet(seed, (400, 400))
+    smoothed = smooth_probability(prob)
+    rows, cols = np.nonzero(smoothed > PAPER_THRESHOLD)
+    centres = greedy_peaks(smoothed)
+    taken = np.zeros(prob.shape, dtype=bool)
+    taken[centres[:, 0], centres[:, 1]] = True
+    settled, decided = _settle(rows, cols, smoothed[rows, cols], prob.shape, (0, 400, 0, 400), 28.0)
+    # Exact where the rounds saw every candidate that matters: 2 x rounds x 28 px inside the window.
+    inset = 2 * SETTLING_ROUNDS * 28
+    exact = (rows >= inset) & (rows < 400 - inset) & (cols >= inset) & (cols < 400 - inset)
+    assert settled[exact].sum() >= 10 and (decided & ~settled)[exact].sum() > 1000
+    assert taken[rows[settled], cols[settled]].all()  # a settled candidate is a centre (anywhere it was judged)
+    assert not taken[rows[exact & decided & ~settled], cols[exact & decided & ~settled]].any()
+    # Only pixels inside the map may be settled: none of a band said to lie beyond it.
+    settled, _ = _settle(rows, cols, smoothed[rows, cols], prob.shape, (0, 400, 100, 400), 28.0)
+    assert settled.any() and not settled[cols < 100].any()
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_map_packed_with_lymphocytes_gives_small_border_windows_and_the_global_answer(client, tmp_path, seed):
+    # Packed lymphocytes link into a component across most of the map: before the settling rounds, its window
+    # was most of the map (a lymph node slide's would not fit in memory).
+    prob = _lymphocyte_sheet(seed)
+    candidates = smooth_probability(prob) > PAPER_THRESHOLD
+    labels, _ = ndimage.label(dilate_by_disk(candidates, linking_reach_px(28)), structure=np.ones((3, 3), bool))
+    largest = ndimage.find_objects(labels)[np.argmax(np.bincount(labels.ravel())[1:])]
+    assert (largest[0].stop - largest[0].start) * (largest[1].stop - largest[1].start) > 0.8 * prob.size
+    expected = _sorted(detect_centers(prob))
+    assert len(expected) >= 250
+    store = store_map(tmp_path / "prob.zarr", prob, 64)
+    np.testing.assert_array_equal(find_centres(client, store, peak_block_px=64)[0], expected)
+    stage = plan_peaks(store, peak_block_px=64)
+    stage.summaries.update({index: peak_block_of_store(store, box, stage.graph.halo_px, PAPER_THRESHOLD)
+                            for index, box in zip(stage.graph.blocks, stage.graph.boxes, strict=True)})
+    plan_border(stage)
+    areas = (stage.border_windows[:, 1] - stage.border_windows[:, 0]) * (
+        stage.border_windows[:, 3] - stage.border_windows[:, 2])
+    assert areas.max(initial=0) < 0.05 * prob.size
 
 
 def test_merge_windows_joins_only_boxes_that_cost_no_more_together():
@@ -166,7 +231,7 @@ def test_blocks_thinner_than_the_halo_are_still_exact(client, tmp_path):
     # Each block reads its own halo (mirrored at the border), so no block size is too small.
     prob = _hard_map(0)
     expected = _sorted(detect_centers(prob))
-    store = store_map(tmp_path / "prob.zarr", prob, (15, 20))  # thinner than the 21-px halo
+    store = store_map(tmp_path / "prob.zarr", prob, (15, 20))  # thinner than the halo
     graph = plan_peaks(store, peak_block_px=1).graph
     assert graph.chunks[0][0] == 15 and graph.chunks[1][0] == 20 < graph.halo_px
     np.testing.assert_array_equal(find_centres(client, store, peak_block_px=1)[0], expected)

@@ -148,7 +148,7 @@ def peak_block_of_store(prob_store: str, box: tuple[int, int, int, int], halo_px
     array = zarr.open_array(prob_store, mode="r")
     scale = np.float32(dict(array.attrs)["wsi_lymph"]["value_scale"])
     padded = read_with_halo(array, box, halo_px).astype(np.float32) * scale
-    return summarise_peak_block(padded, box, halo_px, threshold, SMOOTH_RADIUS_PX, CLEAR_RADIUS_PX)
+    return summarise_peak_block(padded, box, array.shape, halo_px, threshold, SMOOTH_RADIUS_PX, CLEAR_RADIUS_PX)
 
 
 def submit_peak_blocks(client: Client, stage: PeakStage, token: str) -> list[tuple[tuple[int, int], Future]]:
@@ -163,7 +163,7 @@ def submit_peak_blocks(client: Client, stage: PeakStage, token: str) -> list[tup
 def plan_border(stage: PeakStage) -> None:
     """Join the components that cross block borders and plan the ``peaks-border`` tasks that solve them."""
     boxes, stage.border_seeds = border_components(stage.graph, stage.summaries)
-    cores = border_windows(boxes, stage.shape_rc, stage.graph.halo_px, SMOOTH_RADIUS_PX)
+    cores = border_windows(boxes, stage.shape_rc, CLEAR_RADIUS_PX)
     stage.border_windows, stage.border_window_of = merge_windows(cores)
     stage.border_groups = group_border_windows(stage.border_windows, stage.graph.chunks)
 
@@ -191,8 +191,8 @@ def peak_border_of_store(prob_store: str, windows: np.ndarray, seeds: np.ndarray
             part = read_with_halo(array, (r0, r1, c0, c1), halo_px).astype(np.float32) * scale
         else:
             part = padded[r0 - top: r1 - top + 2 * halo_px, c0 - left: c1 - left + 2 * halo_px]
-        found.append(solve_border_components(part, (r0, r1, c0, c1), halo_px, seeds[window_of == k], threshold,
-                                             SMOOTH_RADIUS_PX, CLEAR_RADIUS_PX))
+        found.append(solve_border_components(part, (r0, r1, c0, c1), array.shape, halo_px, seeds[window_of == k],
+                                             threshold, SMOOTH_RADIUS_PX, CLEAR_RADIUS_PX))
     return np.concatenate([c for c, _ in found]), np.concatenate([s for _, s in found])
 
 
