@@ -10,12 +10,16 @@ summarises one block untimed (imports, caches).  It prints, per run, the seconds
 border pass, the border windows (count, total and largest area), the process's peak resident memory, and
 checks that both trees give the same centres and scores, bit for bit.
 
+``--survey R0 C0 SIZE`` instead tells what the rounds leave: on a SIZE² px part of the map (top-left R0, C0), for
+0 to 3 rounds, the candidates left undecided, their linked components and the largest component's bounding box.
+
 Usage::
 
     .venv/bin/python bench/student_size_curve.py --sizes 10000 --write-slides /tmp/mosaic
     .venv/bin/wsi-lymph probmap /tmp/mosaic/cmu1-mosaic-10000.tif --out /tmp/pm
     git worktree add /tmp/before 1819e43
     .venv/bin/python bench/peak_settling.py --map /tmp/pm/cmu1-mosaic-10000/prob.zarr --reference-tree /tmp/before
+    .venv/bin/python bench/peak_settling.py --map /tmp/pm/cmu1-mosaic-10000/prob.zarr --survey 16000 16000 8192
 """
 
 from __future__ import annotations
@@ -63,6 +67,32 @@ def run_stage(prob_store: str) -> dict:
             "sha256": hashlib.sha256(centres.tobytes() + scores.tobytes()).hexdigest()}
 
 
+def survey(prob_store: str, top: int, left: int, size: int) -> None:
+    """Print what 0 to 3 settling rounds leave undecided on a part of the map (the part alone, as one window)."""
+    import zarr
+    from scipy import ndimage
+
+    from wsi_lymph.constants import CLEAR_RADIUS_PX, SMOOTH_RADIUS_PX
+    from wsi_lymph.detection.peaks import _settle, dilate_by_disk, linking_reach_px, smooth_probability
+
+    array = zarr.open_array(prob_store, mode="r")
+    attrs = dict(array.attrs)["wsi_lymph"]
+    prob = np.asarray(array[top:top + size, left:left + size]).astype(np.float32) * np.float32(attrs["value_scale"])
+    smoothed = smooth_probability(prob, SMOOTH_RADIUS_PX)
+    rows, cols = np.nonzero(smoothed > attrs["model"]["threshold"])
+    values = smoothed[rows, cols]
+    print(f"{size}² px at ({top}, {left}): {rows.size:,} candidates")
+    for rounds in range(4):
+        _, decided = _settle(rows, cols, values, prob.shape, (0, size, 0, size), CLEAR_RADIUS_PX, rounds)
+        mask = np.zeros(prob.shape, dtype=bool)
+        mask[rows[~decided], cols[~decided]] = True
+        labels, count = ndimage.label(dilate_by_disk(mask, linking_reach_px(CLEAR_RADIUS_PX)), np.ones((3, 3), bool))
+        boxes = [(s[0].stop - s[0].start, s[1].stop - s[1].start) for s in ndimage.find_objects(labels)]
+        largest = max(boxes, key=lambda hw: hw[0] * hw[1], default=(0, 0))
+        print(f"{rounds} rounds: {(~decided).sum():,} undecided ({(~decided).mean():.1%}), {count:,} components, "
+              f"largest {largest[0]:,} x {largest[1]:,} px")
+
+
 def run_in_fresh_process(tree: Path, prob_store: str) -> dict:
     """:func:`run_stage` in a fresh interpreter that imports ``wsi_lymph`` from ``tree``."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -78,9 +108,16 @@ def run_in_fresh_process(tree: Path, prob_store: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--map", required=True, help="a stored prob.zarr (wsi-lymph probmap --out DIR)")
-    parser.add_argument("--reference-tree", type=Path, required=True, help="a checkout of the commit to compare with")
+    parser.add_argument("--reference-tree", type=Path, help="a checkout of the commit to compare with")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--survey", type=int, nargs=3, metavar=("R0", "C0", "SIZE"),
+                        help="only print what the rounds leave undecided on this part of the map")
     args = parser.parse_args()
+    if args.survey:
+        survey(str(args.map), *args.survey)
+        return
+    if args.reference_tree is None:
+        parser.error("--reference-tree is required (or --survey)")
     if not (args.reference_tree / "wsi_lymph" / "__init__.py").is_file():
         parser.error(f"--reference-tree {args.reference_tree}: no wsi_lymph package in it")
     trees = {"reference": args.reference_tree.resolve(), "now": REPO}
