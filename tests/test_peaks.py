@@ -98,6 +98,15 @@ def store_map(path, prob: np.ndarray, chunks, nonzero_boxes=None, box_px: int = 
     return str(path)
 
 
+def _planned_border_stage(store: str, peak_block_px: int):
+    """The peak stage of ``store`` with every block summarised here and its border windows planned."""
+    stage = plan_peaks(store, peak_block_px=peak_block_px)
+    stage.summaries.update({index: peak_block_of_store(store, box, stage.graph.halo_px, PAPER_THRESHOLD)
+                            for index, box in zip(stage.graph.blocks, stage.graph.boxes, strict=True)})
+    plan_border(stage)
+    return stage
+
+
 @pytest.mark.shared_data
 @pytest.mark.parametrize(("chunk", "peak_block_px"), [(64, 64), (100, 100), (37, 37), (29, 29), (29, 90)])
 @pytest.mark.parametrize("seed", [0, 1])
@@ -136,10 +145,7 @@ def test_blockwise_equals_global_with_long_chains_across_blocks(client, tmp_path
         store = store_map(tmp_path / f"prob-{chunk}.zarr", prob, chunk)
         np.testing.assert_array_equal(find_centres(client, store, peak_block_px=chunk)[0], expected)
     # The chain is one component over many blocks, solved by one ``peaks-border`` task from one window.
-    stage = plan_peaks(store, peak_block_px=32)
-    stage.summaries.update({index: peak_block_of_store(store, box, stage.graph.halo_px, PAPER_THRESHOLD)
-                            for index, box in zip(stage.graph.blocks, stage.graph.boxes, strict=True)})
-    plan_border(stage)
+    stage = _planned_border_stage(store, 32)
     widths = stage.border_windows[:, 3] - stage.border_windows[:, 2]
     assert widths.max() > 6 * 32  # over seven 32-px blocks
 
@@ -156,10 +162,7 @@ def test_components_solved_in_one_merged_window_are_still_exact(client, tmp_path
     expected = _sorted(detect_centers(prob))
     store = store_map(tmp_path / "prob.zarr", prob, 32)
     np.testing.assert_array_equal(find_centres(client, store, peak_block_px=32)[0], expected)
-    stage = plan_peaks(store, peak_block_px=32)
-    stage.summaries.update({index: peak_block_of_store(store, box, stage.graph.halo_px, PAPER_THRESHOLD)
-                            for index, box in zip(stage.graph.blocks, stage.graph.boxes, strict=True)})
-    plan_border(stage)
+    stage = _planned_border_stage(store, 32)
     assert len(stage.border_seeds) == 2 and len(stage.border_windows) == 1
 
 
@@ -207,10 +210,7 @@ def test_a_map_packed_with_lymphocytes_gives_small_border_windows_and_the_global
     assert len(expected) >= 250
     store = store_map(tmp_path / "prob.zarr", prob, 64)
     np.testing.assert_array_equal(find_centres(client, store, peak_block_px=64)[0], expected)
-    stage = plan_peaks(store, peak_block_px=64)
-    stage.summaries.update({index: peak_block_of_store(store, box, stage.graph.halo_px, PAPER_THRESHOLD)
-                            for index, box in zip(stage.graph.blocks, stage.graph.boxes, strict=True)})
-    plan_border(stage)
+    stage = _planned_border_stage(store, 64)
     areas = (stage.border_windows[:, 1] - stage.border_windows[:, 0]) * (
         stage.border_windows[:, 3] - stage.border_windows[:, 2])
     assert areas.max(initial=0) < 0.05 * prob.size
