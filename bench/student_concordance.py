@@ -10,18 +10,24 @@ student's unmatched centres at threshold ``T`` and the teacher's, and counts tho
 map passes its own threshold too (both maps see the object; the greedy picking placed the peaks differently) and
 those where it does not (one map misses the object).  ``--margin-px N`` counts only the centres at least ``N``
 model-frame px inside the image (the border band where the networks read the mirrored edge, not tissue).
+``--refill-lattice`` scores the student's map rebuilt as the teacher's stride-4 map is built: its own values on
+the model-frame lattice 0, 4, 8, ... (one per input pixel), cubic-filled in between
+(:func:`wsi_lymph.slides.frame.interpolate_grid`); with ``--teacher-stride4`` it also prints, per image, how
+closely the student's map follows the teacher's on that lattice (where the stride-4 map holds the teacher's exact
+values) and off it.  Both ask whether the student's error lies in the shape it gives the map between lattice
+points (its sub-pixel head) or in the values themselves.
 
-The plan's held-out regions are small (283 teacher centres in all), so ``--prepare-more DIR`` writes seven more
-regions of the same three held-out images (none overlapping the plan's; never trained on), prepared as ``distill``
-prepares images, into ``DIR/images``; the teacher's stride-2 maps of them then come from ``wsi-lymph probmap
-DIR/images --model janowczyk2016 --stride 2 --dtype float32 --out DIR/teacher-stride2`` (about 30 min on a
-2-core VM), and ``--work DIR --images`` with their names scores the student on them (with the plan's three
-linked in, on all ten).
+The plan's held-out regions are small (283 teacher centres in all), so ``--prepare-more DIR`` writes them and
+seven more regions of the same three held-out images (none overlapping the plan's; never trained on), all prepared
+as ``distill`` prepares images, into ``DIR/images``; the teacher's stride-2 maps of them then come from
+``wsi-lymph probmap DIR/images --model janowczyk2016 --stride 2 --dtype float32 --out DIR/teacher-stride2``
+(16 min on a 2-core VM), and ``--work DIR --images`` with the ten names scores the student on all ten.
 
 Usage::
 
     .venv/bin/python bench/student_concordance.py --work distill/ [--model NAME_OR_CHECKPOINT ...] [--threshold T]
-        [--member K ...] [--teacher-stride4 DIR] [--errors THRESHOLD] [--margin-px N] [--images NAME ...]
+        [--member K ...] [--teacher-stride4 DIR] [--errors THRESHOLD] [--margin-px N] [--refill-lattice]
+        [--images NAME ...]
     .venv/bin/python bench/student_concordance.py --prepare-more DIR
 """
 
@@ -37,14 +43,24 @@ from wsi_lymph.constants import CLEAR_RADIUS_PX, DEFAULT_MODEL, DEFAULT_TOLERANC
 from wsi_lymph.detection.evaluate import DetectionScore, matched_pairs, pooled
 from wsi_lymph.detection.peaks import greedy_peaks, smooth_probability
 from wsi_lymph.io.probmap_store import open_probmap
+from wsi_lymph.models.networks import STUDENT_UPSCALE
 from wsi_lymph.models.registry import load_model
-from wsi_lymph.slides.frame import choose_frame
+from wsi_lymph.slides.frame import choose_frame, interpolate_grid, stride_grid
 from wsi_lymph.slides.reader import open_slide
+from wsi_lymph.slides.resample import symmetric_index
 from wsi_lymph.training.dataset import read_dataset
-from wsi_lymph.training.distill import PlanImage, concordance, image_map, prepare_image, reference_statistics
+from wsi_lymph.training.distill import (
+    PlanImage,
+    concordance,
+    image_map,
+    prepare_image,
+    read_plan,
+    reference_statistics,
+)
 
 SWEEP = (0.3, 0.4, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.925)
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+PLAN = Path(__file__).resolve().parents[1] / "docs" / "distill-plan.json"
 #: More regions (level-0 x, y, width, height) of the plan's three held-out images, beside the plan's own
 #: (tia 680, 300, 200, 200; stardist 180, 80, 128, 128; hl-lung 180, 180, 128, 128): name, file, µm/px, region.
 MORE_HELD_OUT = (
@@ -62,11 +78,22 @@ def _map(path: Path):
     return open_probmap(path)[0].compute(scheduler="synchronous")
 
 
+def refill_lattice(prob: np.ndarray, stride_px: int = STUDENT_UPSCALE) -> np.ndarray:
+    """``prob``'s values on the lattice 0, s, 2s, ... (both axes), cubic-filled in between as the engine fills a
+    stride-``s`` map; lattice points past the edge take the mirrored pixel's value, as the engine classifies them
+    from the mirror padding."""
+    rows, cols = prob.shape
+    lattice_r, lattice_c = stride_grid(0, rows, stride_px), stride_grid(0, cols, stride_px)
+    values = prob[np.ix_(symmetric_index(lattice_r, rows), symmetric_index(lattice_c, cols))]
+    return interpolate_grid(values, (lattice_r, lattice_c), (0, rows, 0, cols))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, help="a wsi-lymph distill --out folder")
     parser.add_argument("--prepare-more", type=Path, default=None, metavar="DIR",
-                        help="write the prepared images of MORE_HELD_OUT into DIR/images and stop")
+                        help="write the prepared images of the plan's held-out regions and of MORE_HELD_OUT into "
+                             "DIR/images and stop")
     parser.add_argument("--teacher-stride4", type=Path, default=None)
     parser.add_argument("--images", nargs="+", default=["tia", "stardist", "hl-lung"])
     parser.add_argument("--model", nargs="+", default=[DEFAULT_MODEL],
@@ -80,14 +107,18 @@ def main() -> None:
                              "both networks read image pixels, not the mirrored border (default 0: all)")
     parser.add_argument("--errors", type=float, default=None, metavar="THRESHOLD",
                         help="also list the unmatched centres at this student threshold")
+    parser.add_argument("--refill-lattice", action="store_true",
+                        help="score the student's map cubic-filled from its own stride-4 lattice values")
     args = parser.parse_args()
     if args.margin_px < 0:
         parser.error(f"--margin-px {args.margin_px}: a margin is 0 or more model-frame px")
     if args.prepare_more is not None:
         crops = read_dataset(DATA / "lymph-centers")
         reference = reference_statistics([crop.image_path for crop in crops])  # as distill's, from the crops
-        for name, file, mpp, region in MORE_HELD_OUT:
-            image = PlanImage(name=name, path=str(DATA / file), mpp=mpp, region_level0=region, role="heldout")
+        more = [PlanImage(name=name, path=str(DATA / file), mpp=mpp, region_level0=region, role="heldout")
+                for name, file, mpp, region in MORE_HELD_OUT]
+        plan = [image for image in read_plan(PLAN) if image.role == "heldout"]
+        for image in plan + more:
             print(prepare_image(image, reference, args.prepare_more / "images"))
         return
     if args.work is None:
@@ -105,6 +136,10 @@ def main() -> None:
         teacher = teachers[name] = _map(args.work / "teacher-stride2" / name / "prob.zarr")
         student = image_map(members, image)
         rows, cols = min(student.shape[0], teacher.shape[0]), min(student.shape[1], teacher.shape[1])
+        if args.refill_lattice:
+            if args.teacher_stride4 is not None:
+                _print_lattice_fit(name, student[:rows, :cols], _map(args.teacher_stride4 / name / "prob.zarr"))
+            student = refill_lattice(student)
         mpp = choose_frame(open_slide(image)).mpp
         teacher_smoothed = smooth_probability(teacher[:rows, :cols], SMOOTH_RADIUS_PX)
         teacher_centres = greedy_peaks(teacher_smoothed, PAPER_THRESHOLD, CLEAR_RADIUS_PX)
@@ -138,6 +173,22 @@ def main() -> None:
         if args.errors is not None:
             print("the same for the teacher's stride-4 map in the student's place:")
             _print_errors(stride4, smoothed_teacher, PAPER_THRESHOLD)
+
+
+def _print_lattice_fit(name: str, student: np.ndarray, stride4: np.ndarray) -> None:
+    """Correlation of the student's map with the teacher's stride-4 map on its lattice (one model-frame pixel per
+    input pixel, where the stride-4 map is the teacher's own value) and off it (the cubic filling)."""
+    rows, cols = min(student.shape[0], stride4.shape[0]), min(student.shape[1], stride4.shape[1])
+    student, stride4 = student[:rows, :cols], stride4[:rows, :cols]
+    on = np.zeros((rows, cols), dtype=bool)
+    on[::STUDENT_UPSCALE, ::STUDENT_UPSCALE] = True
+    def correlation(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+    print(f"{name}: map correlation with the teacher's stride-4 map on its lattice "
+          f"{correlation(student[on], stride4[on]):.4f}, off it {correlation(student[~on], stride4[~on]):.4f}; "
+          f"the student's map refilled from its lattice {correlation(refill_lattice(student), stride4):.4f}, "
+          f"as it is {correlation(student, stride4):.4f}")
 
 
 def _scores(found: dict, threshold: float, margin_px: int = 0) -> dict[str, DetectionScore]:
