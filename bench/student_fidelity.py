@@ -16,7 +16,11 @@ scores one student:
   trained with the shipped recipe (``--iterations`` steps, other augmentations, losses and crops as for
   ``further``);
 * ``--variant members``: the checkpoints given with ``--members`` (each holding one network or several), all
-  their networks' maps averaged (e.g. two seeds).
+  their networks' maps averaged (e.g. two seeds);
+* ``--variant complement``: a fresh network of ``--width`` channels trained, with the shipped recipe, so that the
+  average of its map and the shipped networks' maps (held fixed) follows the teacher: it learns what the shipped
+  networks get wrong together, which a third network trained alone does not.  Its checkpoint holds the new
+  network alone; it is scored averaged with the shipped ones, as the engine would average them.
 
 A trained variant is also written as a checkpoint, ``--out``/model.pt (the shipped student's metadata), so that
 ``--variant members`` and ``bench/student_concordance.py --model`` can average several (the checkpoint records
@@ -105,6 +109,13 @@ def _student(args, pairs) -> list[tuple[SubpixelStudentNet, torch.Tensor]]:
         # Other crops than before: the shipped networks were trained with seeds 0, 1, ...
         recipe = replace(recipe, iterations=args.iterations or 4000, lr=args.lr, seed=args.member + 1)
         net = shipped
+    elif args.variant == "complement":
+        # A seed of its own: the shipped networks were trained with seeds 0, 1, ...
+        recipe = replace(recipe, iterations=args.iterations or recipe.iterations,
+                         seed=len(shipped_members) if args.seed is None else args.seed)
+        torch.manual_seed(recipe.seed)
+        mean, std = input_normalisation(pairs)
+        net = _Complement(SubpixelStudentNet(tuple(std), width=args.width), shipped_members, mean)
     else:
         recipe = replace(recipe, iterations=args.iterations or recipe.iterations,
                          seed=recipe.seed if args.seed is None else args.seed)
@@ -125,11 +136,45 @@ def _student(args, pairs) -> list[tuple[SubpixelStudentNet, torch.Tensor]]:
     net, mean_image, _ = train_student(pairs, args.out, recipe, net=net, log=lambda m: print(m, flush=True),
                                        loss=_smoothed_loss(args.smoothed_loss) if args.smoothed_loss else None,
                                        sample=sample)
+    fixed = []
+    if isinstance(net, _Complement):
+        net, fixed = net.new, shipped_members
     print(f"trained in {time.perf_counter() - started:.0f} s; {net.flops_per_input_px() / 1e3:.1f} kFLOP per 20x "
-          f"pixel; recipe {json.dumps(asdict(recipe))}")
+          f"pixel (with the networks it complements: "
+          f"{sum(n.flops_per_input_px() for n, _ in [*fixed, (net, None)]) / 1e3:.1f}); "
+          f"recipe {json.dumps(asdict(recipe))}")
     meta = {key: value for key, value in load_model(DEFAULT_MODEL).meta.items() if key != "member_sha256"}
     save_checkpoint_atomic(ensemble_checkpoint([(net, mean_image)], meta), args.out / "model.pt")
-    return [(net, mean_image)]
+    return [*fixed, (net, mean_image)]
+
+
+class _Complement(torch.nn.Module):
+    """A new network and fixed ones, as one network to ``train_student``: its output is the logit of the average
+    of all their P, as the engine averages a model's networks, and only the new network learns.
+
+    ``train_student`` feeds inputs minus the training pixels' mean; each fixed network gets its own mean taken off
+    instead (the constant of its mean image).
+    """
+
+    def __init__(self, new: SubpixelStudentNet, fixed: list, training_mean_bgr: np.ndarray) -> None:
+        super().__init__()
+        if any(network.halo_px != new.halo_px for network, _ in fixed):
+            raise SystemExit("--variant complement: the new network must read the shipped networks' halo")
+        self.new, self.halo_px = new, new.halo_px
+        self.fixed = torch.nn.ModuleList([network.eval().requires_grad_(False) for network, _ in fixed])
+        offsets = [torch.as_tensor(training_mean_bgr, dtype=torch.float32) - mean[:, 0, 0] for _, mean in fixed]
+        self.register_buffer("offsets", torch.stack(offsets).view(len(fixed), 1, 3, 1, 1))
+
+    def train(self, mode: bool = True) -> _Complement:
+        self.new.train(mode)  # the fixed networks stay as they are
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            fixed = sum(torch.sigmoid(network(x + offset)) for network, offset in zip(self.fixed, self.offsets,
+                                                                                       strict=True))
+        prob = (fixed + torch.sigmoid(self.new(x))) / (len(self.fixed) + 1)
+        return torch.logit(prob.clamp(1e-6, 1.0 - 1e-6))
 
 
 def _hard_sampler(pairs: list[DistillPair], fraction: float, low: float, high: float):
@@ -185,7 +230,8 @@ def _smoothed_loss(weight: float):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True, help="a wsi-lymph distill --out folder")
-    parser.add_argument("--variant", choices=("shipped", "further", "wider", "members"), default="shipped")
+    parser.add_argument("--variant", choices=("shipped", "further", "wider", "members", "complement"),
+                        default="shipped")
     parser.add_argument("--members", type=Path, nargs="+", default=[], help="checkpoints of --variant members")
     parser.add_argument("--out", type=Path, default=None, help="an empty or new folder for a trained variant's "
                         "checkpoints (default: a fresh temporary one); one holding checkpoints is refused, since "
@@ -193,11 +239,12 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=None,
                         help="steps of --variant further (default 4000) or wider (default: the recipe's)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of --variant further")
-    parser.add_argument("--width", type=int, default=48, help="channels of --variant wider")
+    parser.add_argument("--width", type=int, default=48, help="channels of --variant wider or complement")
     parser.add_argument("--dilations", type=int, nargs="+", default=None,
                         help="dilation of each inner layer of --variant wider (default: the shipped 2 4 1)")
     parser.add_argument("--residual", action="store_true", help="--variant wider with residual inner layers")
-    parser.add_argument("--seed", type=int, default=None, help="seed of --variant wider (default: the recipe's)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of --variant wider (default: the recipe's) or "
+                        "complement (default: the number of shipped networks)")
     parser.add_argument("--flip-rotate", action=argparse.BooleanOptionalAction, default=None,
                         help="the recipe field flip_rotate (default: the recipe's, off)")
     parser.add_argument("--stain-jitter", type=float, default=None, help="default: the recipe's")
@@ -219,19 +266,20 @@ def main() -> None:
                         help="also print the map correlation without this border band of model-frame px (0: not)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    if args.smoothed_loss and args.variant not in ("further", "wider"):
-        parser.error("--smoothed-loss trains a student: it goes with --variant further or wider")
-    if args.hard_fraction and args.variant not in ("further", "wider"):
-        parser.error("--hard-fraction trains a student: it goes with --variant further or wider")
+    trains = ("further", "wider", "complement")
+    if args.smoothed_loss and args.variant not in trains:
+        parser.error("--smoothed-loss trains a student: it goes with --variant further, wider or complement")
+    if args.hard_fraction and args.variant not in trains:
+        parser.error("--hard-fraction trains a student: it goes with --variant further, wider or complement")
     if (args.dilations or args.residual) and args.variant != "wider":
         parser.error("--dilations and --residual shape a fresh student: they go with --variant wider")
-    if args.variant == "wider":
+    if args.variant in ("wider", "complement"):
         try:  # the network's own check of its shape, before any image is read
             SubpixelStudentNet(width=args.width, **({"dilations": args.dilations} if args.dilations else {}))
         except ValueError as error:
             parser.error(f"--width/--dilations: {error}")
-    if args.batch_size is not None and args.variant not in ("further", "wider"):
-        parser.error("--batch-size trains a student: it goes with --variant further or wider")
+    if args.batch_size is not None and args.variant not in trains:
+        parser.error("--batch-size trains a student: it goes with --variant further, wider or complement")
     if args.batch_size is not None and args.batch_size < 1:
         parser.error(f"--batch-size {args.batch_size}: one crop or more")
     if args.margin_px < 0:
