@@ -17,6 +17,12 @@ closely the student's map follows the teacher's on that lattice (where the strid
 values) and off it.  Both ask whether the student's error lies in the shape it gives the map between lattice
 points (its sub-pixel head) or in the values themselves.
 
+How far the teacher agrees with itself when nothing visible changes: ``--prepare-perturbed WORK DIR`` writes each
+prepared image of ``WORK/images`` with one grey level (``--levels``) of random noise per pixel and channel into
+``DIR/images``; with the teacher's stride-2 maps of those copies (``wsi-lymph probmap DIR/images ... --out
+DIR/teacher-stride2``), ``--teacher-perturbed DIR/teacher-stride2`` scores them against its maps of the images
+themselves, as ``--teacher-stride4`` does for its stride-4 maps.
+
 The plan's held-out regions are small (283 teacher centres in all), so ``--prepare-more DIR`` writes them and
 seven more regions of the same three held-out images (none overlapping the plan's; never trained on), all prepared
 as ``distill`` prepares images, into ``DIR/images``; the teacher's stride-2 maps of them then come from
@@ -26,9 +32,10 @@ as ``distill`` prepares images, into ``DIR/images``; the teacher's stride-2 maps
 Usage::
 
     .venv/bin/python bench/student_concordance.py --work distill/ [--model NAME_OR_CHECKPOINT ...] [--threshold T]
-        [--member K ...] [--teacher-stride4 DIR] [--errors THRESHOLD] [--margin-px N] [--refill-lattice]
-        [--images NAME ...]
+        [--member K ...] [--teacher-stride4 DIR] [--teacher-perturbed DIR] [--errors THRESHOLD] [--margin-px N]
+        [--refill-lattice] [--images NAME ...]
     .venv/bin/python bench/student_concordance.py --prepare-more DIR
+    .venv/bin/python bench/student_concordance.py --prepare-perturbed WORK DIR [--levels N]
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+import tifffile
 from scipy.spatial.distance import cdist
 
 from wsi_lymph.constants import CLEAR_RADIUS_PX, DEFAULT_MODEL, DEFAULT_TOLERANCE_UM, PAPER_THRESHOLD, SMOOTH_RADIUS_PX
@@ -95,6 +103,12 @@ def main() -> None:
                         help="write the prepared images of the plan's held-out regions and of MORE_HELD_OUT into "
                              "DIR/images and stop")
     parser.add_argument("--teacher-stride4", type=Path, default=None)
+    parser.add_argument("--teacher-perturbed", type=Path, default=None, metavar="DIR",
+                        help="the teacher's stride-2 maps of perturbed copies of the images (--prepare-perturbed), "
+                             "scored against its maps of the images themselves")
+    parser.add_argument("--prepare-perturbed", type=Path, nargs=2, default=None, metavar=("WORK", "DIR"),
+                        help="write WORK/images/*.tif with --levels grey levels of noise into DIR/images and stop")
+    parser.add_argument("--levels", type=int, default=1, help="noise of --prepare-perturbed (default 1)")
     parser.add_argument("--images", nargs="+", default=["tia", "stardist", "hl-lung"])
     parser.add_argument("--model", nargs="+", default=[DEFAULT_MODEL],
                         help="the student (default: the default model); several: their networks' maps averaged")
@@ -112,6 +126,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.margin_px < 0:
         parser.error(f"--margin-px {args.margin_px}: a margin is 0 or more model-frame px")
+    if args.prepare_perturbed is not None:
+        if args.levels < 1:
+            parser.error(f"--levels {args.levels}: one grey level or more")
+        for path in prepare_perturbed(*args.prepare_perturbed, args.levels):
+            print(path)
+        return
     if args.prepare_more is not None:
         crops = read_dataset(DATA / "lymph-centers")
         reference = reference_statistics([crop.image_path for crop in crops])  # as distill's, from the crops
@@ -159,20 +179,51 @@ def main() -> None:
     if args.errors is not None:
         _print_errors(found, smoothed_teacher, args.errors)
     if args.teacher_stride4 is not None:
-        print("teacher stride 4 against stride 2, both at the paper's threshold")
-        scores, stride4 = [], {}
-        for name in args.images:
-            coarse = _map(args.teacher_stride4 / name / "prob.zarr")
-            result = concordance(coarse, teachers[name], found[name][2], PAPER_THRESHOLD, PAPER_THRESHOLD)
-            scores.append(DetectionScore.from_dict(result))
-            print(f"{name}: {result['student_centres']} vs {result['teacher_centres']} centres, "
-                  f"F {result['f_score']:.3f}, map correlation {result['map_correlation']:.4f}")
-            rows, cols = smoothed_teacher[name].shape
-            stride4[name] = (smooth_probability(coarse[:rows, :cols], SMOOTH_RADIUS_PX), *found[name][1:])
-        print(f"pooled F {pooled(scores).f_score:.3f}")
-        if args.errors is not None:
-            print("the same for the teacher's stride-4 map in the student's place:")
-            _print_errors(stride4, smoothed_teacher, PAPER_THRESHOLD)
+        _compare_teacher("the teacher's stride-4 map", args.teacher_stride4, teachers, found, smoothed_teacher,
+                         args.errors is not None)
+    if args.teacher_perturbed is not None:
+        _compare_teacher(f"the teacher's map of the perturbed copies ({args.teacher_perturbed})",
+                         args.teacher_perturbed, teachers, found, smoothed_teacher, args.errors is not None)
+
+
+def _compare_teacher(label: str, folder: Path, teachers: dict, found: dict, smoothed_teacher: dict,
+                     errors: bool) -> None:
+    """Another map of the teacher's (``folder/<image>/prob.zarr``) in the student's place: its centres against the
+    teacher's stride-2 centres, both at the paper's threshold (and, with ``errors``, its unmatched centres)."""
+    print(f"{label} against the teacher's stride-2 map, both at the paper's threshold")
+    scores, other = [], {}
+    for name in teachers:
+        prob = _map(folder / name / "prob.zarr")
+        result = concordance(prob, teachers[name], found[name][2], PAPER_THRESHOLD, PAPER_THRESHOLD)
+        scores.append(DetectionScore.from_dict(result))
+        print(f"{name}: {result['student_centres']} vs {result['teacher_centres']} centres, "
+              f"F {result['f_score']:.3f}, map correlation {result['map_correlation']:.4f}")
+        rows, cols = smoothed_teacher[name].shape
+        other[name] = (smooth_probability(prob[:rows, :cols], SMOOTH_RADIUS_PX), *found[name][1:])
+    print(f"pooled F {pooled(scores).f_score:.3f}")
+    if errors:
+        print(f"the same for {label} in the student's place:")
+        _print_errors(other, smoothed_teacher, PAPER_THRESHOLD)
+
+
+def prepare_perturbed(source: Path, out: Path, levels: int, seed: int = 0) -> list[Path]:
+    """``out/images/<name>.tif`` for each ``source/images/<name>.tif``: its pixels plus independent integer noise,
+    uniform in ``-levels .. levels`` grey levels per pixel and channel (clipped to 0-255), with its resolution."""
+    written = []
+    for index, path in enumerate(sorted((source / "images").glob("*.tif"))):
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            rgb = page.asarray()
+            x_resolution, y_resolution = (page.tags[tag].value for tag in ("XResolution", "YResolution"))
+            unit = page.tags["ResolutionUnit"].value
+        noise = np.random.default_rng([seed, index]).integers(-levels, levels + 1, rgb.shape)
+        perturbed = np.clip(rgb.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+        target = out / "images" / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tifffile.imwrite(target, perturbed, photometric="rgb", resolutionunit=unit,
+                         resolution=(x_resolution[0] / x_resolution[1], y_resolution[0] / y_resolution[1]))
+        written.append(target)
+    return written
 
 
 def _print_lattice_fit(name: str, student: np.ndarray, stride4: np.ndarray) -> None:
