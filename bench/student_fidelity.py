@@ -18,8 +18,8 @@ scores one student:
 * ``--variant members``: the checkpoints given with ``--members`` (each holding one network or several), all
   their networks' maps averaged (e.g. two seeds);
 * ``--variant complement``: a fresh network of ``--width`` channels trained, with the shipped recipe, so that the
-  average of its map and the shipped networks' maps (held fixed) follows the teacher: it learns what the shipped
-  networks get wrong together, which a third network trained alone does not.  Its checkpoint holds the new
+  average of its map and the shipped networks' maps (held fixed) follows the teacher, so that it may learn what the
+  shipped networks get wrong together (BENCHMARKS.md: on these images it does not).  Its checkpoint holds the new
   network alone; it is scored averaged with the shipped ones, as the engine would average them.
 
 A trained variant is also written as a checkpoint, ``--out``/model.pt (the shipped student's metadata), so that
@@ -237,7 +237,8 @@ def main() -> None:
                         "checkpoints (default: a fresh temporary one); one holding checkpoints is refused, since "
                         "training would resume from them rather than run")
     parser.add_argument("--iterations", type=int, default=None,
-                        help="steps of --variant further (default 4000) or wider (default: the recipe's)")
+                        help="steps of --variant further (default 4000), wider or complement (default: the "
+                        "recipe's)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of --variant further")
     parser.add_argument("--width", type=int, default=48, help="channels of --variant wider or complement")
     parser.add_argument("--dilations", type=int, nargs="+", default=None,
