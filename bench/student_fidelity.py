@@ -12,9 +12,9 @@ scores one student:
   WEIGHT``), and with crops drawn uniformly or, for a fraction of each batch, around the teacher's centres near
   the threshold (``--hard-fraction``, ``--hard-band``);
 * ``--variant wider``: a fresh student of ``--width`` channels (and inner layers of ``--dilations``, with
-  ``--residual`` connections: e.g. a deeper one of the shipped cost, ``--width 24 --dilations 1 2 4 2 1 1``)
-  trained with the shipped recipe (``--iterations`` steps, other augmentations, losses and crops as for
-  ``further``);
+  ``--residual`` connections: e.g. a deeper one of the shipped cost, ``--width 24 --dilations 1 2 4 2 1 1``; with
+  another ``--activation``; with a stage of ``--fine-width`` channels at twice the input resolution) trained
+  with the shipped recipe (``--iterations`` steps, other augmentations, losses and crops as for ``further``);
 * ``--variant members``: the checkpoints given with ``--members`` (each holding one network or several), all
   their networks' maps averaged (e.g. two seeds);
 * ``--variant complement``: a fresh network of ``--width`` channels trained, with the shipped recipe, so that the
@@ -122,7 +122,7 @@ def _student(args, pairs) -> list[tuple[SubpixelStudentNet, torch.Tensor]]:
         torch.manual_seed(recipe.seed)
         inner = {"dilations": tuple(args.dilations)} if args.dilations else {}  # else the network's default
         net = SubpixelStudentNet(tuple(input_normalisation(pairs)[1]), width=args.width, residual=args.residual,
-                                 **inner)
+                                 activation=args.activation, fine_width=args.fine_width, **inner)
     if args.stain_jitter is not None:
         recipe = replace(recipe, stain_jitter=args.stain_jitter)
     if args.scale_jitter is not None:
@@ -244,6 +244,11 @@ def main() -> None:
     parser.add_argument("--dilations", type=int, nargs="+", default=None,
                         help="dilation of each inner layer of --variant wider (default: the shipped 2 4 1)")
     parser.add_argument("--residual", action="store_true", help="--variant wider with residual inner layers")
+    parser.add_argument("--activation", choices=tuple(SubpixelStudentNet.ACTIVATIONS), default="relu",
+                        help="non-linearity of --variant wider (default relu, the shipped one)")
+    parser.add_argument("--fine-width", type=int, default=0,
+                        help="--variant wider with a stage of this many channels at twice the input resolution "
+                        "(default 0: none, as shipped)")
     parser.add_argument("--seed", type=int, default=None, help="seed of --variant wider (default: the recipe's) or "
                         "complement (default: the number of shipped networks)")
     parser.add_argument("--flip-rotate", action=argparse.BooleanOptionalAction, default=None,
@@ -272,13 +277,15 @@ def main() -> None:
         parser.error("--smoothed-loss trains a student: it goes with --variant further, wider or complement")
     if args.hard_fraction and args.variant not in trains:
         parser.error("--hard-fraction trains a student: it goes with --variant further, wider or complement")
-    if (args.dilations or args.residual) and args.variant != "wider":
-        parser.error("--dilations and --residual shape a fresh student: they go with --variant wider")
+    if (args.dilations or args.residual or args.activation != "relu" or args.fine_width) and args.variant != "wider":
+        parser.error("--dilations, --residual, --activation and --fine-width shape a fresh student: they go with "
+                     "--variant wider")
     if args.variant in ("wider", "complement"):
         try:  # the network's own check of its shape, before any image is read
-            SubpixelStudentNet(width=args.width, **({"dilations": args.dilations} if args.dilations else {}))
+            SubpixelStudentNet(width=args.width, fine_width=args.fine_width,
+                               **({"dilations": args.dilations} if args.dilations else {}))
         except ValueError as error:
-            parser.error(f"--width/--dilations: {error}")
+            parser.error(f"--width/--dilations/--fine-width: {error}")
     if args.batch_size is not None and args.variant not in trains:
         parser.error("--batch-size trains a student: it goes with --variant further, wider or complement")
     if args.batch_size is not None and args.batch_size < 1:

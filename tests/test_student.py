@@ -106,10 +106,12 @@ def test_a_student_of_another_shape_loads_in_its_own_shape_and_a_wrong_shape_is_
     from wsi_lymph.models.registry import load_model
 
     torch.manual_seed(3)
-    wide = SubpixelStudentNet(input_std=(40.0, 45.0, 35.0), width=48).eval()
+    wide = SubpixelStudentNet(input_std=(40.0, 45.0, 35.0), width=48, fine_width=8).eval()
+    torch.nn.init.normal_(wide.fine_head.weight, std=0.1)  # zero at first: the stage would add nothing
     deep = SubpixelStudentNet(input_std=(40.0, 45.0, 35.0), width=24, dilations=(1, 2, 4, 2, 1, 1),
-                              residual=True).eval()
+                              residual=True, activation="silu").eval()
     assert deep.halo_px == 13 and abs(deep.flops_per_input_px() - 71724) < 1
+    assert wide.halo_px == 10 and wide.flops_per_input_px() == 159_000 + 2 * 48 * 32 + 4 * (2 * 9 * 64 + 2 * 32)
     mean = torch.tensor([180.0, 120.0, 170.0]).view(3, 1, 1).expand(3, 32, 32).contiguous()
     meta = {"arch": STUDENT_ARCH, "name": "wide", "threshold": 0.7, "model_mpp": 0.125,
             "channel_order": "BGR", "input_range": 255.0, "class_index": 1}
@@ -117,21 +119,23 @@ def test_a_student_of_another_shape_loads_in_its_own_shape_and_a_wrong_shape_is_
     path = save_checkpoint_atomic(checkpoint, tmp_path / "wide.pt")
     model = load_model(str(path))
     assert [net.shape() for net, _ in model.members] == [
-        {"width": 48, "dilations": [2, 4, 1], "residual": False},
-        {"width": 24, "dilations": [1, 2, 4, 2, 1, 1], "residual": True},
-        {"width": 32, "dilations": [2, 4, 1], "residual": False}]
+        {"width": 48, "dilations": [2, 4, 1], "residual": False, "activation": "relu", "fine_width": 8},
+        {"width": 24, "dilations": [1, 2, 4, 2, 1, 1], "residual": True, "activation": "silu", "fine_width": 0},
+        {"width": 32, "dilations": [2, 4, 1], "residual": False, "activation": "relu", "fine_width": 0}]
     info = open_slide(SLIDES / "cmu-1-small-region.svs")
     reader = slide_window_reader(info, choose_frame(info))
     box = (2000, 2101, 3001, 3100)
     for saved, loaded in zip((wide, deep), model.members[:2], strict=True):
         expected, _ = window_probabilities(reader, box, [(saved, mean)])
         np.testing.assert_array_equal(window_probabilities(reader, box, [loaded])[0], expected)
-    # The deeper residual student's wider halo still makes its blockwise map the whole map.
-    whole, _ = window_probabilities(reader, box, model.members[1:2])
-    assert whole.std() > 1e-3
-    left, _ = window_probabilities(reader, (2000, 2101, 3001, 3050), model.members[1:2])
-    right, _ = window_probabilities(reader, (2000, 2101, 3050, 3100), model.members[1:2])
-    np.testing.assert_allclose(np.hstack([left, right]), whole, rtol=0, atol=2e-6)
+    # The deeper residual student's wider halo, and the fine stage's half-pixel one, still make the blockwise map
+    # the whole map.
+    for member in model.members[:2]:
+        whole, _ = window_probabilities(reader, box, [member])
+        assert whole.std() > 1e-3
+        left, _ = window_probabilities(reader, (2000, 2101, 3001, 3050), [member])
+        right, _ = window_probabilities(reader, (2000, 2101, 3050, 3100), [member])
+        np.testing.assert_allclose(np.hstack([left, right]), whole, rtol=0, atol=2e-6)
 
     checkpoint["members"][0]["width"] = 32  # weights of width 48 under a record that says 32
     save_checkpoint_atomic(checkpoint, tmp_path / "mislabelled.pt")
@@ -150,6 +154,11 @@ def test_a_student_of_another_shape_loads_in_its_own_shape_and_a_wrong_shape_is_
     save_checkpoint_atomic(checkpoint, tmp_path / "zero.pt")
     with pytest.raises(ModelError, match=r"zero.pt \(member 2\): dilations \[1, 0\] are not one positive"):
         load_model(str(tmp_path / "zero.pt"))
+    checkpoint["members"][1]["dilations"] = [1, 2, 4, 2, 1, 1]
+    checkpoint["members"][1]["activation"] = "tanh"
+    save_checkpoint_atomic(checkpoint, tmp_path / "tanh.pt")
+    with pytest.raises(ModelError, match=r"tanh.pt \(member 2\): activation 'tanh' is not one of relu, silu"):
+        load_model(str(tmp_path / "tanh.pt"))
 
 
 def test_the_student_reads_the_slide_at_20x_without_resampling():

@@ -15,6 +15,8 @@ classifying each pixel's patch, at ~1/148 of PatchNet's arithmetic.
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import torch
 from torch import nn
@@ -388,6 +390,12 @@ class SubpixelStudentNet(nn.Module):
 
     Other ``dilations`` give other inner w->w layers (``conv3``, ``conv4``, ...),
     e.g. a deeper student of the same cost at a smaller width (BENCHMARKS.md).
+    ``fine_width`` c > 0 adds a stage at twice the input resolution, whose
+    logits are added to the head's (per input pixel)::
+
+        conv 1x1 w->4c, pixel shuffle 2, relu        4 w c
+        conv 3x3 c->c at 2x, relu                    36 c^2
+        conv 1x1 c->4 at 2x, pixel shuffle 2         16 c
 
     Inputs are BGR 0-255 minus the per-channel mean (the checkpoint's
     ``mean_bgr``), divided inside by ``input_std`` (like :class:`DensePatchNet`).
@@ -403,20 +411,27 @@ class SubpixelStudentNet(nn.Module):
     residual : bool
         Each inner layer adds its input (cropped by the ``d`` pixels each side
         its valid convolution drops) to its output.
+    activation : {"relu", "silu"}
+        The non-linearity after every layer but the first and the head.
+    fine_width : int
+        Channels ``c`` of the stage at twice the input resolution (0: none).
 
     Attributes
     ----------
     halo_px : int
         Input pixels each side that one output reads beyond its own input pixel:
-        ``2 + sum(dilations)`` (9 for the default shape).
+        ``2 + sum(dilations)`` (9 for the default shape), one more with a fine stage.
     """
 
     upscale = STUDENT_UPSCALE
     #: The constructor's arguments that make a student's shape: what :meth:`shape` returns and checkpoints record.
-    SHAPE_KEYS = ("width", "dilations", "residual")
+    SHAPE_KEYS = ("width", "dilations", "residual", "activation", "fine_width")
+    #: Non-linearities by name; each is applied in place (one activation-sized buffer less per layer).
+    ACTIVATIONS = {"relu": F.relu_, "silu": partial(F.silu, inplace=True)}
 
     def __init__(self, input_std: tuple[float, float, float] | list[float] = (1.0, 1.0, 1.0), width: int = 32,
-                 dilations: tuple[int, ...] | list[int] = (2, 4, 1), residual: bool = False) -> None:
+                 dilations: tuple[int, ...] | list[int] = (2, 4, 1), residual: bool = False,
+                 activation: str = "relu", fine_width: int = 0) -> None:
         super().__init__()
         # The one check of a student's shape: checkpoints hand theirs straight to this constructor.
         if not (isinstance(width, int) and not isinstance(width, bool) and width >= 4):
@@ -426,19 +441,31 @@ class SubpixelStudentNet(nn.Module):
             raise ValueError(f"dilations {dilations!r} are not one positive integer per inner layer")
         if not isinstance(residual, bool):
             raise ValueError(f"residual {residual!r} is not true or false")
+        if activation not in self.ACTIVATIONS:
+            raise ValueError(f"activation {activation!r} is not one of {', '.join(self.ACTIVATIONS)}")
+        if not (isinstance(fine_width, int) and not isinstance(fine_width, bool) and fine_width >= 0):
+            raise ValueError(f"fine_width {fine_width!r} is not a number of channels (0 for none)")
         # Recorded in checkpoints (shape()), so a student of another shape loads as it was trained.
         self.width, self.dilations, self.residual = width, tuple(dilations), bool(residual)
-        self.halo_px = 2 + sum(self.dilations)
+        self.activation, self.fine_width = activation, fine_width
+        # The fine stage's 3x3 convolution reads half an input pixel further; rounded up to whole input pixels.
+        self.halo_px = 2 + sum(self.dilations) + (1 if fine_width else 0)
         first = 3 * width // 4
         self.conv1 = nn.Conv2d(3, first, 3)
         self.conv2 = nn.Conv2d(first, width, 3)
         for number, dilation in enumerate(self.dilations, start=3):  # conv3, conv4, ...: the shipped weights' names
             setattr(self, f"conv{number}", nn.Conv2d(width, width, 3, dilation=dilation))
         self.head = nn.Conv2d(width, self.upscale**2, 1)
+        if fine_width:
+            self.fine_in = nn.Conv2d(width, 4 * fine_width, 1)
+            self.fine_conv = nn.Conv2d(fine_width, fine_width, 3)
+            self.fine_head = nn.Conv2d(fine_width, 4, 1)
+            nn.init.zeros_(self.fine_head.weight)  # starts as the plain student, the stage learns a correction
+            nn.init.zeros_(self.fine_head.bias)
         self.register_buffer("input_std", torch.as_tensor(input_std, dtype=torch.float32).reshape(3))
 
     def shape(self) -> dict:
-        """The keyword arguments that rebuild this network's shape (``width``, ``dilations``, ``residual``)."""
+        """The keyword arguments that rebuild this network's shape (:attr:`SHAPE_KEYS`)."""
         return {key: getattr(self, key) for key in self.SHAPE_KEYS} | {"dilations": list(self.dilations)}
 
     def _inner(self) -> list[nn.Conv2d]:
@@ -448,16 +475,30 @@ class SubpixelStudentNet(nn.Module):
         """Logits (N, 1, 4 (H - 2 halo), 4 (W - 2 halo)) of (N, 3, H, W) input windows (BGR minus the channel mean)."""
         x = self.conv1(x / self.input_std.view(1, 3, 1, 1))
         # In place: the same values, one activation-sized buffer less per layer (3-6% of the forward, BENCHMARKS.md).
-        x = F.relu_(self.conv2(x))
+        act = self.ACTIVATIONS[self.activation]
+        x = act(self.conv2(x))
         for conv, d in zip(self._inner(), self.dilations, strict=True):
-            y = F.relu_(conv(x))
+            y = act(conv(x))
             x = x[:, :, d:-d, d:-d] + y if self.residual else y
-        return F.pixel_shuffle(self.head(x), self.upscale)
+        logits = F.pixel_shuffle(self.head(x), self.upscale)
+        if not self.fine_width:
+            return logits
+        fine = act(F.pixel_shuffle(self.fine_in(x), 2))
+        # The valid 3x3 drops one half-pixel each side; one more keeps the output on whole input pixels, so the
+        # stage covers the trunk's pixels 1 .. n-2, each as 2 x 2 half-pixels, each of those as 2 x 2 logits.
+        fine = act(self.fine_conv(fine))[:, :, 1:-1, 1:-1]
+        u = self.upscale
+        return logits[:, :, u:-u, u:-u] + F.pixel_shuffle(self.fine_head(fine), 2)
 
     def flops_per_input_px(self) -> float:
-        """Floating-point operations (2 x multiply-adds) per input pixel, biases, ReLUs and additions not counted."""
-        convs = (self.conv1, self.conv2, *self._inner(), self.head)
-        return float(sum(2 * c.in_channels * c.out_channels * c.kernel_size[0] * c.kernel_size[1] for c in convs))
+        """FLOP (2 x multiply-adds) per input pixel; biases, activations and additions not counted."""
+        def flops(c: nn.Conv2d) -> int:
+            return 2 * c.in_channels * c.out_channels * c.kernel_size[0] * c.kernel_size[1]
+
+        total = sum(flops(c) for c in (self.conv1, self.conv2, *self._inner(), self.head))
+        if self.fine_width:  # fine_in per input pixel; the rest at the 4 half-resolution pixels inside it
+            total += flops(self.fine_in) + 4 * (flops(self.fine_conv) + flops(self.fine_head))
+        return float(total)
 
 
 def subpixel_probabilities(
