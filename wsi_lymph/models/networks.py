@@ -393,8 +393,8 @@ class SubpixelStudentNet(nn.Module):
     ``fine_width`` c > 0 adds a stage at twice the input resolution, whose
     logits are added to the head's (per input pixel)::
 
-        conv 1x1 w->4c, pixel shuffle 2, relu        4 w c
-        conv 3x3 c->c at 2x, relu                    36 c^2
+        conv 1x1 w->4c, pixel shuffle 2, activation  4 w c
+        conv 3x3 c->c at 2x, activation              36 c^2
         conv 1x1 c->4 at 2x, pixel shuffle 2         16 c
 
     Inputs are BGR 0-255 minus the per-channel mean (the checkpoint's
@@ -412,7 +412,7 @@ class SubpixelStudentNet(nn.Module):
         Each inner layer adds its input (cropped by the ``d`` pixels each side
         its valid convolution drops) to its output.
     activation : {"relu", "silu"}
-        The non-linearity after every layer but the first and the head.
+        The non-linearity after every layer but the first and the heads.
     fine_width : int
         Channels ``c`` of the stage at twice the input resolution (0: none).
 
